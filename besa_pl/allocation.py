@@ -1,0 +1,149 @@
+"""Sparsity allocation (BESA_SPEC 6): candidate rates, logits -> expected rate, and the masks.
+
+All mask arithmetic runs in fp32 whatever the model dtype; the mask is cast to the weight
+dtype only at the multiply.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+def candidate_rates(target: float, num: int = 101, grid: str = "centered") -> Tensor:
+    """The candidate pruning rates p_d.
+
+    `uniform` is the official grid {0, 0.01, ..., 1}. `centered` is the widest evenly spaced
+    grid inside [0, 1] whose mean is the target, so the logits start at the target and sigmoid
+    smoothing keeps its +/-12% band around it; at target 0.5 it equals `uniform`.
+    """
+    if grid == "uniform":
+        lo, hi = 0.0, 1.0
+    elif grid == "centered":
+        half = min(target, 1.0 - target)
+        lo, hi = target - half, target + half
+    else:
+        raise ValueError(f"unknown candidate grid {grid!r}")
+    return torch.linspace(lo, hi, num, dtype=torch.float64).float()
+
+
+def smoothing_band(rates: Tensor) -> tuple[float, float]:
+    """The [min, max] expected rate that sigmoid smoothing allows on this grid.
+
+    Softmax inputs lie in (0, 1), so a candidate's weight is at most e times another's; the
+    extreme rate puts weight e on every candidate on one side of the rate itself (a fixed point).
+    """
+    p = rates.double()
+
+    def extreme(sign: float) -> float:
+        alpha = float(p.mean())
+        for _ in range(100):
+            w = torch.where(sign * (p - alpha) > 0, math.e, 1.0)
+            alpha = float((w * p).sum() / w.sum())
+        return alpha
+
+    return extreme(-1.0), extreme(1.0)
+
+
+def mixture_weights(logits: Tensor, smoothing: bool) -> Tensor:
+    """beta = softmax(sigmoid(z)) with smoothing (the code's default), else softmax(z)."""
+    z = logits.float()
+    return torch.softmax(torch.sigmoid(z) if smoothing else z, dim=-1)
+
+
+def prune_counts(alpha: Tensor, columns: int) -> Tensor:
+    """k = floor(C * alpha): how many of a row's weights are pruned (plain truncation)."""
+    return torch.floor(alpha.float() * columns).long().clamp_(0, columns)
+
+
+def hard_keep_mask(ranks: Tensor, counts: Tensor) -> Tensor:
+    """Keep a weight iff its rank is at least the row's prune count (counts: one per row)."""
+    return ranks >= counts.view(-1, 1)
+
+
+def rank_space_keep_prob(beta: Tensor, thresholds: Tensor, columns: int) -> Tensor:
+    """u_j = 1 - sum_d beta_d [j < c_d] for j = 0..C-1, one row per group.
+
+    Scatter beta into bins at c_d and take a reverse cumulative sum: O(K + C) per group
+    instead of a K x C indicator product. Written literally (not via sum(beta) = 1) so the
+    gradient with respect to beta is exactly -[j < c_d].
+    """
+    bins = beta.new_zeros(beta.shape[0], columns + 1)
+    bins.index_add_(1, thresholds, beta)
+    at_least = bins.flip(1).cumsum(dim=1).flip(1)  # at_least[:, j] = sum of beta_d with c_d >= j
+    return 1.0 - at_least[:, 1:]
+
+
+def gather_by_rank(u: Tensor, ranks: Tensor) -> Tensor:
+    """P[r, c] = u[group(r), rank[r, c]], with int32 ranks (no int64 copy of the rank matrix)."""
+    rows, columns = ranks.shape
+    if u.shape[0] == 1:
+        return u.reshape(-1)[ranks]
+    offsets = torch.arange(rows, device=ranks.device, dtype=torch.int32).view(-1, 1) * columns
+    return u.reshape(-1)[ranks + offsets]
+
+
+def straight_through(hard: Tensor, soft: Tensor) -> Tensor:
+    """Forward value exactly `hard`; gradient flows to `soft` as if the mask were soft."""
+    return hard.float() + (soft - soft.detach())
+
+
+class SparsityAllocation(nn.Module):
+    """Learnable per-row (or per-layer) pruning rate of one linear weight.
+
+    Holds the frozen rank matrix and the logits; `forward(weight)` returns the masked weight, so
+    it can serve as a `torch.nn.utils.parametrize` parametrization of the linear's weight.
+    """
+
+    def __init__(
+        self,
+        ranks: Tensor,
+        rates: Tensor,
+        granularity: str = "row",
+        smoothing: bool = True,
+    ) -> None:
+        super().__init__()
+        if granularity not in ("row", "layer"):
+            raise ValueError(f"unknown granularity {granularity!r}")
+        rows, columns = ranks.shape
+        self.granularity = granularity
+        self.smoothing = smoothing
+        self.columns = columns
+        groups = rows if granularity == "row" else 1
+        self.register_buffer("ranks", ranks.to(torch.int32), persistent=False)
+        self.register_buffer("rates", rates.float(), persistent=False)
+        self.register_buffer("thresholds", torch.floor(rates.double() * columns).long(), persistent=False)
+        self.logits = nn.Parameter(torch.zeros(groups, rates.numel()))
+
+    def beta(self) -> Tensor:
+        return mixture_weights(self.logits, self.smoothing)
+
+    def alpha(self) -> Tensor:
+        """Expected pruning rate of each group (fp32)."""
+        return self.beta() @ self.rates
+
+    def row_alpha(self) -> Tensor:
+        alpha = self.alpha()
+        return alpha.expand(self.ranks.shape[0]) if alpha.numel() == 1 else alpha
+
+    def expected_sparsity(self) -> Tensor:
+        """Mean expected rate over the layer's groups (differentiable)."""
+        return self.alpha().mean()
+
+    def hard_mask(self) -> Tensor:
+        with torch.no_grad():
+            return hard_keep_mask(self.ranks, prune_counts(self.row_alpha(), self.columns))
+
+    def soft_mask(self) -> Tensor:
+        u = rank_space_keep_prob(self.beta(), self.thresholds, self.columns)
+        return gather_by_rank(u, self.ranks)
+
+    def mask(self) -> Tensor:
+        """Straight-through mask: forward value is the hard mask, gradient via the soft one."""
+        return straight_through(self.hard_mask(), self.soft_mask())
+
+    def forward(self, weight: Tensor) -> Tensor:
+        with torch.autocast(weight.device.type, enabled=False):
+            mask = self.mask()
+        return weight * mask.to(weight.dtype)

@@ -1,0 +1,113 @@
+"""BESABlock: one decoder block whose only trainable parameters are its sparsity logits."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .allocation import SparsityAllocation
+from .loss import reconstruction_loss, sparsity_penalty
+from .models import call_block, prunable_linears
+
+
+class BESABlock(L.LightningModule):
+    """A frozen decoder block with a learnable masking parametrization on every linear weight.
+
+    `training_step` takes a batch `(inputs, targets)`, so a block can be fitted on its own by a
+    Trainer; inside `besa-pl fit`, BESAPruner feeds it from the activation cache.
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        block_kwargs: dict,
+        ranks: dict[str, Tensor],
+        rates: Tensor,
+        target: float,
+        granularity: str = "row",
+        smoothing: bool = True,
+        penalty_weight: float = 5.0,
+        penalty_form: str = "relative",
+        optimizer: str = "prodigy",
+        lr: float = 1.0,
+        d_coef: float = 5.0,
+    ) -> None:
+        super().__init__()
+        self.block = block
+        self.block_kwargs = block_kwargs
+        self.target = target
+        self.penalty_weight = penalty_weight
+        self.penalty_form = penalty_form
+        self.optimizer_name = optimizer
+        self.lr = lr
+        self.d_coef = d_coef
+        self.linears = prunable_linears(block)
+        total = sum(linear.weight.numel() for linear in self.linears.values())
+        self.shares = {name: linear.weight.numel() / total for name, linear in self.linears.items()}
+        for name, linear in self.linears.items():
+            allocation = SparsityAllocation(ranks[name].to(linear.weight.device), rates, granularity, smoothing)
+            parametrize.register_parametrization(linear, "weight", allocation.to(linear.weight.device))
+        self.last_metrics: dict[str, float] = {}
+
+    def allocation(self, name: str) -> SparsityAllocation:
+        return self.linears[name].parametrizations.weight[0]
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return call_block(self.block, hidden, self.block_kwargs)
+
+    def expected_sparsity(self) -> Tensor:
+        """Parameter-weighted mean of the layers' expected rates (BESA_SPEC 6.4)."""
+        return sum(share * self.allocation(name).expected_sparsity() for name, share in self.shares.items())
+
+    def objective(self, output: Tensor, target: Tensor) -> tuple[Tensor, dict[str, float]]:
+        rec = reconstruction_loss(output, target)
+        expected = self.expected_sparsity()
+        pen = sparsity_penalty(expected, self.target, self.penalty_weight, self.penalty_form)
+        loss = rec + pen
+        metrics = {"loss": loss.item(), "reconstruction": rec.item(), "expected_sparsity": expected.item()}
+        return loss, metrics
+
+    def training_step(self, batch, batch_idx: int = 0) -> Tensor:
+        inputs, targets = batch
+        loss, self.last_metrics = self.objective(self(inputs), targets)
+        if not math.isfinite(self.last_metrics["loss"]):
+            raise FloatingPointError(f"loss became {self.last_metrics['loss']} at step {batch_idx}")
+        return loss
+
+    def configure_optimizers(self):
+        params = [self.allocation(name).logits for name in self.linears]
+        if self.optimizer_name == "prodigy":
+            from prodigyopt import Prodigy
+
+            # The release scripts' settings (BESA_SPEC 8); only d_coef varies by model.
+            return Prodigy(params, lr=self.lr, d_coef=self.d_coef, weight_decay=0.0, decouple=True,
+                           use_bias_correction=False, safeguard_warmup=False, d0=1e-6)
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        raise ValueError(f"unknown optimizer {self.optimizer_name!r}")
+
+    def logits_state(self) -> dict[str, Tensor]:
+        return {name: self.allocation(name).logits.detach().clone() for name in self.linears}
+
+    @torch.no_grad()
+    def load_logits(self, state: dict[str, Tensor]) -> None:
+        for name, logits in state.items():
+            self.allocation(name).logits.copy_(logits)
+
+    @torch.no_grad()
+    def learned_rates(self) -> dict[str, Tensor]:
+        """Per-row expected rate of every layer (fp32, outside autocast)."""
+        return {name: self.allocation(name).row_alpha().detach().cpu() for name in self.linears}
+
+    @torch.no_grad()
+    def finalize(self) -> dict[str, Tensor]:
+        """Compute the hard masks in fp32, unwrap the linears and burn the masks into the weights."""
+        masks = {name: self.allocation(name).hard_mask() for name in self.linears}
+        for name, linear in self.linears.items():
+            parametrize.remove_parametrizations(linear, "weight", leave_parametrized=False)
+            linear.weight.mul_(masks[name].to(linear.weight.dtype))
+        return masks

@@ -1,0 +1,3 @@
+from .blockwise_loop import BlockwiseLoop, SaveOnInterrupt
+
+__all__ = ["BlockwiseLoop", "SaveOnInterrupt"]

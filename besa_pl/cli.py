@@ -1,0 +1,88 @@
+"""`besa-pl`: the LightningCLI entry point."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from rich.console import Console
+
+from .callbacks import BlockwiseLoop, SaveOnInterrupt
+from .checkpoint import AtomicCheckpointIO
+from .data import CalibrationDataModule
+from .errors import BesaError
+from .export import is_finished_run
+from .pruner import BESAPruner
+
+console = Console(stderr=True)
+
+
+class BesaCLI(LightningCLI):
+    """LightningCLI with the callbacks every besa-pl run needs added to the Trainer."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="Prune again into a trainer.default_root_dir that holds a finished run")
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        root = Path(config["trainer"].get("default_root_dir") or os.getcwd())
+        callbacks = list(config["trainer"].get("callbacks") or [])
+        if not any(isinstance(c, BlockwiseLoop) for c in callbacks):
+            callbacks.insert(0, BlockwiseLoop())
+        progress = config["trainer"].get("enable_progress_bar") is not False
+        if progress and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(RichProgressBar(leave=False))
+        checkpoints = root / "checkpoints"
+        callbacks.append(ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0, every_n_epochs=1))
+        callbacks.append(SaveOnInterrupt(dirpath=checkpoints, filename="interrupted"))
+        config["trainer"]["callbacks"] = callbacks
+        plugins = list(config["trainer"].get("plugins") or [])
+        plugins.append(AtomicCheckpointIO())
+        config["trainer"]["plugins"] = plugins
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        config = self.config[self.subcommand]
+        root = self.trainer.default_root_dir
+        if is_finished_run(root) and not config.get("ckpt_path") and not config.get("overwrite"):
+            raise BesaError(
+                f"trainer.default_root_dir={root} already holds a finished run; "
+                "pass --overwrite true or choose another --trainer.default_root_dir"
+            )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in args
+    if verbose:
+        args.remove("--verbose")
+    else:
+        warnings.filterwarnings("ignore", module="lightning")
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    try:
+        BesaCLI(
+            BESAPruner,
+            CalibrationDataModule,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"num_sanity_val_steps": 0, "enable_model_summary": False, "devices": 1},
+        )
+    except BesaError as error:
+        if verbose:
+            raise
+        console.print(f"[bold red]error:[/] {error}", soft_wrap=True)
+        sys.exit(2)
+    except SIGTERMException:
+        console.print("stopped by SIGTERM; resume with --ckpt_path last")
+        sys.exit(143)
+
+
+if __name__ == "__main__":
+    main()

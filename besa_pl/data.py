@@ -1,0 +1,222 @@
+"""Calibration data (BESA_SPEC 3) and the evaluation corpora (BESA_SPEC 11.1).
+
+The hub is the default source; a data folder laid out like shared/data (`data_dir` or the
+environment variable BESA_DATA_DIR) replaces it offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .errors import BesaError
+
+CALIBRATION_DATASETS = ("c4", "wikitext2", "ptb")
+
+# Files inside a data folder (see shared/data/MANIFEST.md).
+LOCAL_FILES = {
+    ("c4", "train"): "c4/c4_sample.jsonl",
+    ("c4", "validation"): "c4/c4_validation_2k.parquet",
+    ("wikitext2", "test"): "wikitext-2-raw/wiki.test.raw",
+    ("wikitext2", "train"): "wikitext-2-raw/wiki.train.raw",
+    ("ptb", "test"): "ptb/ptb.test.txt",
+    ("ptb", "validation"): "ptb/ptb.valid.txt",
+    ("ptb", "train"): "ptb/ptb.train.txt",
+}
+
+
+def resolve_data_dir(data_dir: str | None) -> Path | None:
+    folder = data_dir or os.environ.get("BESA_DATA_DIR")
+    return Path(folder).expanduser() if folder else None
+
+
+def read_text_file(path: Path, setting: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise BesaError(f"{setting}={path}: not UTF-8 text ({error.reason} at byte {error.start}); convert it to UTF-8") from error
+    except OSError as error:
+        raise BesaError(f"{setting}={path}: cannot read ({error.strerror}); check the path and its permissions") from error
+
+
+def _local_file(name: str, split: str, data_dir: Path, setting: str) -> Path:
+    relative = LOCAL_FILES.get((name, split))
+    path = data_dir / relative if relative else None
+    if path is None or not path.exists():
+        raise BesaError(
+            f"{setting}: the data folder {data_dir} has no {name} {split} split "
+            f"(expected {relative}); add the file, pick another dataset, or unset data_dir/BESA_DATA_DIR to use the hub"
+        )
+    return path
+
+
+def _hub(loader):
+    try:
+        return loader()
+    except Exception as error:  # the datasets library raises many types when offline
+        raise BesaError(
+            f"could not load from the Hugging Face hub ({type(error).__name__}: {str(error).splitlines()[0][:160]}); "
+            "set data_dir (or BESA_DATA_DIR) to a local data folder"
+        ) from error
+
+
+def documents(name: str, split: str, data_dir: str | None, setting: str = "data.dataset") -> tuple[list[str], str]:
+    """The documents of a corpus split, and where they came from."""
+    folder = resolve_data_dir(data_dir)
+    if folder is not None:
+        path = _local_file(name, split, folder, setting)
+        if path.suffix == ".jsonl":
+            lines = read_text_file(path, setting).splitlines()
+            return [json.loads(line)["text"] for line in lines if line.strip()], str(path)
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path, columns=["text"]).column("text").to_pylist(), str(path)
+        text = read_text_file(path, setting)
+        if name == "wikitext2":
+            # The HF rows are the file's lines with blank lines (a lone space) mapped to "".
+            return [line if line.strip() else "" for line in text.splitlines(keepends=True)], str(path)
+        return [line.strip() for line in text.splitlines()], str(path)
+    from datasets import load_dataset
+
+    if name == "c4":
+        shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else "en/c4-validation.00000-of-00008.json.gz"
+        data = _hub(lambda: load_dataset("allenai/c4", data_files={split: shard}, split=split))
+        return list(data["text"]), f"hub allenai/c4 {shard}"
+    if name == "wikitext2":
+        data = _hub(lambda: load_dataset("wikitext", "wikitext-2-raw-v1", split=split))
+        return list(data["text"]), f"hub wikitext-2-raw-v1 {split}"
+    if name == "ptb":
+        data = _hub(lambda: load_dataset("ptb_text_only", "penn_treebank", split=split))
+        return list(data["sentence"]), f"hub ptb_text_only {split}"
+    raise BesaError(f"{setting}={name}: unknown dataset; use c4, wikitext2, ptb or a path to a .txt/.jsonl file")
+
+
+def sample_documents(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """The SparseGPT/Wanda recipe: random documents longer than seqlen, one random window each."""
+    rng = random.Random(seed)
+    lengths = {}
+    windows = []
+    attempts = 0
+    while len(windows) < nsamples:
+        attempts += 1
+        if attempts > 200 * nsamples + 10_000:
+            raise BesaError(
+                f"data.seqlen={seqlen}: too few calibration documents are longer than {seqlen} tokens; lower data.seqlen"
+            )
+        index = rng.randint(0, len(docs) - 1)
+        ids = tokenizer(docs[index], return_tensors="pt").input_ids[0]
+        lengths[index] = ids.numel()
+        if ids.numel() <= seqlen:
+            continue
+        start = rng.randint(0, ids.numel() - seqlen - 1)
+        windows.append(ids[start : start + seqlen])
+    return torch.stack(windows)
+
+
+def sample_stream(text: str, tokenizer, nsamples: int, seqlen: int, seed: int, setting: str) -> torch.Tensor:
+    """Random windows of one tokenised text (for user files whose documents may be short)."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if ids.numel() <= seqlen:
+        raise BesaError(f"{setting}: the text has {ids.numel()} tokens, not more than data.seqlen={seqlen}; lower data.seqlen or add text")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])
+
+
+def calibration_tokens(dataset: str, tokenizer, nsamples: int, seqlen: int, seed: int, data_dir: str | None):
+    """(N x T token tensor, description of the source)."""
+    if dataset in CALIBRATION_DATASETS:
+        docs, source = documents(dataset, "train", data_dir)
+        if dataset == "c4":
+            return sample_documents(docs, tokenizer, nsamples, seqlen, seed), source
+        return sample_stream("\n\n".join(docs), tokenizer, nsamples, seqlen, seed, "data.dataset"), source
+    path = Path(dataset).expanduser()
+    if not path.is_file():
+        raise BesaError(f"data.dataset={dataset}: not c4, wikitext2, ptb or an existing .txt/.jsonl file")
+    text = read_text_file(path, "data.dataset")
+    if path.suffix == ".jsonl":
+        try:
+            text = "\n\n".join(json.loads(line)["text"] for line in text.splitlines() if line.strip())
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise BesaError(f"data.dataset={dataset}: every line must be a JSON object with a 'text' field ({error})") from error
+    return sample_stream(text, tokenizer, nsamples, seqlen, seed, "data.dataset"), str(path)
+
+
+class ResumableSampler(Sampler[int]):
+    """Sample indices in order; after a mid-epoch resume it starts at the first unfinished one.
+
+    Lightning restores its own count of finished batches; the sampler reads it, so the
+    optimizer sees exactly the steps an uninterrupted run would.
+    """
+
+    def __init__(self, size: int, datamodule: "CalibrationDataModule") -> None:
+        self.size = size
+        self.datamodule = datamodule
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        trainer = self.datamodule.trainer
+        start = 0
+        if trainer is not None and trainer.fit_loop.restarting:
+            start = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return iter(range(start, self.size))
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning treats as resumable (its position lives in the fit loop)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class CalibrationDataModule(L.LightningDataModule):
+    """Draws the calibration windows; the training 'batches' are sample indices into them."""
+
+    def __init__(
+        self,
+        dataset: str = "c4",
+        nsamples: int = 128,
+        seqlen: int = 2048,
+        seed: int = 0,
+        data_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if nsamples < 1:
+            raise BesaError(f"data.nsamples={nsamples}: must be at least 1")
+        if seqlen < 2:
+            raise BesaError(f"data.seqlen={seqlen}: must be at least 2")
+        self.dataset = dataset
+        self.nsamples = nsamples
+        self.seqlen = seqlen
+        self.seed = seed
+        self.data_dir = data_dir
+        self.tokens: torch.Tensor | None = None
+        self.source = ""
+
+    def setup(self, stage: str) -> None:
+        if self.tokens is not None:
+            return
+        pruner = self.trainer.lightning_module
+        limit = pruner.context_length()
+        if limit is not None and self.seqlen > limit:
+            raise BesaError(f"data.seqlen={self.seqlen} is longer than the model's context ({limit} tokens); lower data.seqlen")
+        self.tokens, self.source = calibration_tokens(
+            self.dataset, pruner.tokenizer, self.nsamples, self.seqlen, self.seed, self.data_dir
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return ResumableLoader(
+            list(range(self.nsamples)), batch_size=1, sampler=ResumableSampler(self.nsamples, self)
+        )

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny randomly initialised models of real transformers classes, and the data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("BESA_TEST_DATA", REPO.parent / "shared" / "data"))
+WIKI_TEST = DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def tiny_tokenizer(folder: Path):
+    """A byte-level BPE tokenizer trained in milliseconds on WikiText-2 text."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    lines = WIKI_TEST.read_text(encoding="utf-8").splitlines()[:2000]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(lines, vocab_size=512, min_frequency=2, special_tokens=["<s>", "</s>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def tiny_config(family: str):
+    from transformers import AutoConfig
+
+    common = dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+    )
+    if family == "gemma":
+        return AutoConfig.for_model("gemma", head_dim=16, **common)
+    if family == "qwen2":
+        # Mixed layer types: one sliding-window layer, so blocks receive different masks.
+        return AutoConfig.for_model(
+            "qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1,
+            layer_types=["full_attention", "sliding_attention", "full_attention"], **common,
+        )
+    if family == "mistral":
+        return AutoConfig.for_model("mistral", sliding_window=16, **common)
+    return AutoConfig.for_model("llama", **common)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: family name -> folder with a randomly initialised model and a tokenizer."""
+    made: dict[str, Path] = {}
+
+    def make(family: str = "llama") -> Path:
+        if family not in made:
+            from transformers import AutoModelForCausalLM
+
+            folder = tmp_path_factory.mktemp(f"tiny-{family}")
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(tiny_config(family))
+            model.save_pretrained(folder)
+            tiny_tokenizer(folder)
+            made[family] = folder
+        return made[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def calibration_text():
+    if not WIKI_TEST.exists():
+        pytest.skip(f"shared data not found at {DATA_DIR}")
+    return WIKI_TEST
+
+
+def run_cli(args: list[str]) -> None:
+    from besa_pl.cli import main
+
+    main(args)
+
+
+def fit_args(model_dir: Path, text: Path, root: Path, *extra: str) -> list[str]:
+    return [
+        "fit", "--model.pretrained", str(model_dir), "--data.dataset", str(text),
+        "--data.nsamples", "4", "--data.seqlen", "32", "--trainer.default_root_dir", str(root),
+        "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+        *extra,
+    ]

@@ -1,0 +1,116 @@
+"""BESA_SPEC section 15 invariants of the sparsity allocation and its masks."""
+
+import math
+
+import pytest
+import torch
+
+from besa_pl.allocation import (
+    SparsityAllocation,
+    candidate_rates,
+    gather_by_rank,
+    rank_space_keep_prob,
+    smoothing_band,
+    straight_through,
+)
+from besa_pl.baselines import keep_mask_from_scores
+from besa_pl.importance import row_ranks, wanda_scores
+from besa_pl.loss import sparsity_penalty
+
+
+def random_allocation(rows=12, cols=37, granularity="row", smoothing=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ranks = row_ranks(torch.rand(rows, cols, generator=g))
+    allocation = SparsityAllocation(ranks, candidate_rates(0.5), granularity, smoothing)
+    with torch.no_grad():
+        allocation.logits.normal_(0, 3, generator=g)
+    return allocation
+
+
+@pytest.mark.parametrize("granularity", ["row", "layer"])
+@pytest.mark.parametrize("smoothing", [True, False])
+def test_hard_mask_prunes_exactly_floor_c_alpha_lowest_ranked(granularity, smoothing):
+    allocation = random_allocation(granularity=granularity, smoothing=smoothing)
+    cols = allocation.columns
+    alpha = allocation.row_alpha()
+    keep = allocation.hard_mask()
+    for r in range(keep.shape[0]):
+        k = math.floor(cols * float(alpha[r]))
+        assert int((~keep[r]).sum()) == k
+        pruned_ranks = allocation.ranks[r][~keep[r]]
+        assert sorted(pruned_ranks.tolist()) == list(range(k))
+
+
+def test_ste_forward_value_is_the_hard_mask_bit_for_bit():
+    allocation = random_allocation()
+    mask = allocation.mask()
+    assert torch.equal(mask, allocation.hard_mask().float())
+    weight = torch.randn(12, 37)
+    assert torch.equal(allocation(weight), weight * allocation.hard_mask())
+
+
+def test_gradient_wrt_mixture_weights_matches_closed_form():
+    rows, cols = 5, 23
+    g = torch.Generator().manual_seed(1)
+    ranks = row_ranks(torch.rand(rows, cols, generator=g))
+    rates = candidate_rates(0.5)
+    thresholds = torch.floor(rates.double() * cols).long()
+    beta = torch.softmax(torch.randn(rows, rates.numel(), generator=g), dim=-1).requires_grad_(True)
+    hard = torch.rand(rows, cols, generator=g) > 0.5
+    soft = gather_by_rank(rank_space_keep_prob(beta, thresholds, cols), ranks)
+    G = torch.randn(rows, cols, generator=g)
+    (G * straight_through(hard, soft)).sum().backward()
+    order = torch.argsort(ranks.long(), dim=1)  # pi_r(j): the column of rank j
+    expected = torch.zeros(rows, rates.numel())
+    for r in range(rows):
+        for d, c_d in enumerate(thresholds.tolist()):
+            expected[r, d] = -G[r, order[r, :c_d]].sum()
+    assert torch.allclose(beta.grad, expected, atol=1e-5)
+
+
+def test_alpha_is_one_half_at_initialisation():
+    ranks = row_ranks(torch.rand(8, 16))
+    for smoothing in (True, False):
+        for granularity in ("row", "layer"):
+            allocation = SparsityAllocation(ranks, candidate_rates(0.5), granularity, smoothing)
+            assert torch.allclose(allocation.alpha(), torch.full_like(allocation.alpha(), 0.5), atol=1e-6)
+
+
+def test_centered_grid_starts_at_the_target():
+    ranks = row_ranks(torch.rand(8, 16))
+    for target in (0.3, 0.6, 0.7, 0.8):
+        allocation = SparsityAllocation(ranks, candidate_rates(target), "row", True)
+        assert torch.allclose(allocation.alpha(), torch.full((8,), target), atol=1e-5)
+        low, high = smoothing_band(candidate_rates(target))
+        assert low < target < high
+
+
+def _optimise_penalty_only(smoothing: bool) -> float:
+    ranks = row_ranks(torch.rand(4, 100))
+    allocation = SparsityAllocation(ranks, candidate_rates(0.5, grid="uniform"), "row", smoothing)
+    optimizer = torch.optim.Adam([allocation.logits], lr=0.1)
+    for _ in range(1500):
+        optimizer.zero_grad()
+        sparsity_penalty(allocation.expected_sparsity(), 0.3).backward()
+        optimizer.step()
+    return float(allocation.expected_sparsity())
+
+
+def test_sigmoid_smoothing_bounds_the_rate_near_0_376():
+    reached = _optimise_penalty_only(smoothing=True)
+    assert reached == pytest.approx(0.376, abs=0.003)
+    assert smoothing_band(candidate_rates(0.5, grid="uniform"))[0] == pytest.approx(0.3763, abs=1e-3)
+
+
+def test_without_smoothing_the_rate_reaches_the_target():
+    assert _optimise_penalty_only(smoothing=False) == pytest.approx(0.3, abs=0.005)
+
+
+def test_fixed_rate_one_half_reproduces_per_row_wanda_masks():
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(16, 40, generator=g)
+    col_sq = torch.rand(40, generator=g)
+    scores = wanda_scores(weight, col_sq)
+    allocation = SparsityAllocation(row_ranks(scores), candidate_rates(0.5), "row", True)
+    # logits at zero: alpha = 0.5 in every row, the uniform allocation
+    assert torch.equal(allocation.hard_mask(), keep_mask_from_scores(scores, 0.5, "row"))
