@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     if verbose:
         args.remove("--verbose")
     else:
+        os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval / datasets / transformers progress bars
         warnings.filterwarnings("ignore", module="lightning")
         logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     try:

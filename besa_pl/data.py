@@ -101,7 +101,6 @@ def documents(name: str, split: str, data_dir: str | None, setting: str = "data.
 def sample_documents(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """The SparseGPT/Wanda recipe: random documents longer than seqlen, one random window each."""
     rng = random.Random(seed)
-    lengths = {}
     windows = []
     attempts = 0
     while len(windows) < nsamples:
@@ -112,7 +111,6 @@ def sample_documents(docs: list[str], tokenizer, nsamples: int, seqlen: int, see
             )
         index = rng.randint(0, len(docs) - 1)
         ids = tokenizer(docs[index], return_tensors="pt").input_ids[0]
-        lengths[index] = ids.numel()
         if ids.numel() <= seqlen:
             continue
         start = rng.randint(0, ids.numel() - seqlen - 1)
@@ -209,6 +207,8 @@ class CalibrationDataModule(L.LightningDataModule):
         if self.tokens is not None:
             return
         pruner = self.trainer.lightning_module
+        if not pruner.pruning:
+            return  # the dense row needs no calibration data
         limit = pruner.context_length()
         if limit is not None and self.seqlen > limit:
             raise BesaError(f"data.seqlen={self.seqlen} is longer than the model's context ({limit} tokens); lower data.seqlen")

@@ -1,3 +1,5 @@
 from .blockwise_loop import BlockwiseLoop, SaveOnInterrupt
+from .perplexity import PerplexityEval
+from .zero_shot import ZeroShotEval
 
-__all__ = ["BlockwiseLoop", "SaveOnInterrupt"]
+__all__ = ["BlockwiseLoop", "PerplexityEval", "SaveOnInterrupt", "ZeroShotEval"]

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
 from ..export import FINISHED_MARKER, save_folder_atomic, sparsity_report, write_json_atomic
+from ..report import report
 
 console = Console(stderr=True)
 
@@ -30,6 +31,7 @@ class BlockwiseLoop(Callback):
     def __init__(self, export: bool = True) -> None:
         self.export = export
         self._started = 0.0
+        self._finished = False
 
     def setup(self, trainer, pruner, stage: str) -> None:
         if stage == "fit":
@@ -70,11 +72,22 @@ class BlockwiseLoop(Callback):
         if pruner.pruning and self.export:
             save_folder_atomic(pruner.model, pruner.tokenizer, root / "pruned")
             console.print(f"pruned model written to {root / 'pruned'}")
-        report = sparsity_report(pruner)
+        sparsity = sparsity_report(pruner)
         pruner.results["method"] = pruner.hparams.method
         pruner.results["target_sparsity"] = pruner.hparams.sparsity if pruner.pruning else 0.0
-        pruner.results["realised_sparsity"] = report["overall"]
-        write_json_atomic(root / FINISHED_MARKER, report)
+        pruner.results["realised_sparsity"] = sparsity["overall"]
+        write_json_atomic(root / FINISHED_MARKER, sparsity)
+        self._finished = True
+
+    def teardown(self, trainer, pruner, stage: str) -> None:
+        # After every callback's on_fit_end, so the evaluations are in the table.
+        if stage == "fit" and self._finished:
+            self._finished = False
+            report(pruner.results, trainer.default_root_dir, console)
+            if trainer.logger is not None:
+                numbers = {k: v for k, v in pruner.results.items() if isinstance(v, float)}
+                trainer.logger.log_metrics(numbers)
+                trainer.logger.save()
 
 
 class SaveOnInterrupt(OnExceptionCheckpoint):

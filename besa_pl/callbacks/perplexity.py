@@ -1,0 +1,120 @@
+"""PerplexityEval: the standard SparseGPT/Wanda/BESA perplexity protocol, run at fit end (BESA_SPEC 11.1)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from lightning.pytorch import Callback
+from rich.console import Console
+from torchmetrics.text import Perplexity
+
+from ..data import documents
+from ..errors import BesaError
+
+console = Console(stderr=True)
+
+PAPER_SEQLEN = 2048
+C4_DOCUMENTS = 1100
+C4_WINDOWS = 256
+
+
+def evaluation_text(name: str, data_dir: str | None) -> tuple[str, str]:
+    """The corpus text exactly as the protocol joins it, and its source."""
+    if name == "wikitext2":
+        docs, source = documents("wikitext2", "test", data_dir, "PerplexityEval.datasets")
+        return "\n\n".join(docs), source
+    if name == "ptb":
+        docs, source = documents("ptb", "test", data_dir, "PerplexityEval.datasets")
+        return " ".join(docs), source
+    if name == "c4":
+        docs, source = documents("c4", "validation", data_dir, "PerplexityEval.datasets")
+        if source.endswith(".parquet"):
+            source += " (local C4 validation excerpt standing in for shard 00000)"
+        return " ".join(docs[:C4_DOCUMENTS]), source
+    raise BesaError(f"PerplexityEval.datasets: unknown dataset {name!r}; use wikitext2, c4 or ptb")
+
+
+def windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of seqlen tokens; the tail that does not fill a window is dropped."""
+    count = token_ids.numel() // seqlen
+    if max_windows is not None:
+        count = min(count, max_windows)
+    return token_ids[: count * seqlen].view(count, seqlen)
+
+
+@torch.no_grad()
+def perplexity(model, batches: torch.Tensor, batch_size: int = 1, device=None) -> float:
+    """exp of the mean next-token loss; every window has seqlen-1 targets, so this equals
+    exp(mean over windows of the per-window mean loss)."""
+    device = device or next(model.parameters()).device
+    metric = Perplexity().to(device)
+    for start in range(0, batches.shape[0], batch_size):
+        ids = batches[start : start + batch_size].to(device)
+        logits = model(ids, use_cache=False).logits.float()
+        metric.update(logits[:, :-1], ids[:, 1:])
+    return float(metric.compute())
+
+
+class PerplexityEval(Callback):
+    """Perplexity of the (pruned) model on WikiText2 / C4 / PTB after pruning.
+
+    Args:
+        datasets: any of wikitext2, c4, ptb.
+        seqlen: window length (2048, the BESA protocol).
+        batch_size: windows per forward pass (no effect on the result).
+        max_windows: evaluate only the first N windows (quick runs; the table says so).
+        data_dir: local data folder; else the data module's, else BESA_DATA_DIR, else the hub.
+    """
+
+    def __init__(
+        self,
+        datasets: list[str] = ("wikitext2",),
+        seqlen: int = PAPER_SEQLEN,
+        batch_size: int = 1,
+        max_windows: int | None = None,
+        data_dir: str | None = None,
+    ) -> None:
+        for name in datasets:
+            if name not in ("wikitext2", "c4", "ptb"):
+                raise BesaError(f"PerplexityEval.datasets: unknown dataset {name!r}; use wikitext2, c4 or ptb")
+        self.datasets = list(datasets)
+        self.seqlen = seqlen
+        self.batch_size = batch_size
+        self.max_windows = max_windows
+        self.data_dir = data_dir
+
+    def setup(self, trainer, pruner, stage: str) -> None:
+        limit = pruner.context_length()
+        if limit is not None and self.seqlen > limit:
+            raise BesaError(f"PerplexityEval.seqlen={self.seqlen} is longer than the model's context ({limit}); lower it")
+        if self.seqlen != PAPER_SEQLEN:
+            console.print(
+                f"[yellow]note:[/] perplexity at seqlen {self.seqlen}; BESA and SparseGPT report 2048, while Wanda's "
+                "LLaMA-2 table used 4096: compare only numbers measured at the same length"
+            )
+
+    def on_fit_end(self, trainer, pruner) -> None:
+        data_dir = self.data_dir or getattr(trainer.datamodule, "data_dir", None)
+        model = pruner.model.to(pruner.device)
+        scores, details = {}, {}
+        for name in self.datasets:
+            text, source = evaluation_text(name, data_dir)
+            ids = pruner.tokenizer(text, return_tensors="pt").input_ids[0]
+            limit = C4_WINDOWS if name == "c4" else None
+            if self.max_windows is not None:
+                limit = min(limit or self.max_windows, self.max_windows)
+            batches = windows(ids, self.seqlen, limit)
+            if batches.shape[0] == 0:
+                raise BesaError(f"PerplexityEval.seqlen={self.seqlen}: {name} has only {ids.numel()} tokens; lower it")
+            value = perplexity(model, batches, self.batch_size, pruner.device)
+            scores[name] = value
+            details[name] = {"windows": batches.shape[0], "tokens": ids.numel(), "seqlen": self.seqlen, "source": source,
+                             "all_windows": self.max_windows is None or batches.shape[0] == ids.numel() // self.seqlen}
+            console.print(f"perplexity {name}: {value:.3f} ({batches.shape[0]} windows of {self.seqlen}, {source})")
+            if not math.isfinite(value):
+                console.print(f"[yellow]warning:[/] {name} perplexity is not finite")
+        pruner.results.setdefault("perplexity", {}).update(scores)
+        pruner.results.setdefault("perplexity_details", {}).update(details)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({f"ppl/{k}": v for k, v in scores.items()})

@@ -1,0 +1,81 @@
+"""ZeroShotEval: lm-eval 0.4 zero-shot accuracy of the in-memory pruned model, at fit end."""
+
+from __future__ import annotations
+
+from lightning.pytorch import Callback
+from rich.console import Console
+
+from ..data import resolve_data_dir
+from ..errors import BesaError
+from ..zero_shot_tasks import TASKS, local_task_configs
+
+console = Console(stderr=True)
+
+
+class ZeroShotEval(Callback):
+    """Zero-shot accuracy (acc, and acc_norm where the task has it) through lm-eval's HFLM.
+
+    Args:
+        tasks: any of piqa, boolq, hellaswag, winogrande, arc_easy, arc_challenge.
+        limit: items per task (quick runs); None = the whole split.
+        batch_size: lm-eval batch size.
+        max_length: context limit (2048, as in the paper's wrapper).
+        data_dir: local data folder; else the data module's, else BESA_DATA_DIR, else the hub.
+    """
+
+    def __init__(
+        self,
+        tasks: list[str] = TASKS,
+        limit: int | None = None,
+        batch_size: int = 16,
+        max_length: int = 2048,
+        data_dir: str | None = None,
+    ) -> None:
+        unknown = [task for task in tasks if task not in TASKS]
+        if unknown:
+            raise BesaError(f"ZeroShotEval.tasks: unknown task(s) {', '.join(unknown)}; use {', '.join(TASKS)}")
+        self.tasks = list(tasks)
+        self.limit = limit
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.data_dir = data_dir
+
+    def on_fit_end(self, trainer, pruner) -> None:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+
+        folder = resolve_data_dir(self.data_dir or getattr(trainer.datamodule, "data_dir", None))
+        manager = TaskManager()
+        if folder is not None:
+            specs, skipped = local_task_configs(manager, self.tasks, folder)
+        else:
+            specs, skipped = list(self.tasks), {}
+        for name, reason in skipped.items():
+            console.print(f"[yellow]zero-shot {name} skipped:[/] {reason}")
+        results = {"skipped": skipped, "tasks": {}, "versions": {}, "limit": self.limit}
+        if specs:
+            model = pruner.model.to(pruner.device).eval()
+            lm = HFLM(pretrained=model, tokenizer=pruner.tokenizer, batch_size=self.batch_size,
+                      max_length=self.max_length, device=str(pruner.device))
+            for spec in specs:
+                name = spec if isinstance(spec, str) else spec["task"]
+                try:
+                    out = simple_evaluate(model=lm, tasks=[spec], task_manager=manager, limit=self.limit,
+                                          bootstrap_iters=0, log_samples=False, verbosity="ERROR")
+                except Exception as error:  # missing data (offline hub, ...): report, never drop silently
+                    skipped[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+                    console.print(f"[yellow]zero-shot {name} skipped:[/] {skipped[name]}")
+                    continue
+                metrics = out["results"][name]
+                scores = {key.split(",")[0]: value for key, value in metrics.items()
+                          if key.split(",")[0] in ("acc", "acc_norm") and isinstance(value, float)}
+                results["tasks"][name] = scores
+                results["versions"][name] = out.get("versions", {}).get(name)
+                console.print(f"zero-shot {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        accs = [scores["acc"] for scores in results["tasks"].values() if "acc" in scores]
+        results["mean_acc"] = sum(accs) / len(accs) if accs else None
+        pruner.results["zero_shot"] = results
+        if trainer.logger is not None:
+            flat = {f"zero_shot/{t}/{k}": v for t, s in results["tasks"].items() for k, v in s.items()}
+            trainer.logger.log_metrics(flat)

