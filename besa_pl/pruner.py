@@ -152,6 +152,7 @@ class BESAPruner(L.LightningModule):
         self._load()
         if stage != "fit" or self.cache is not None or not self.pruning:
             return
+        self.fingerprint()  # of the base weights, before any block is pruned
         datamodule = self.trainer.datamodule
         tokens = datamodule.tokens
         self.model.to(self.device)

@@ -1,0 +1,127 @@
+"""Kill-and-resume equality, checkpoint contents, fingerprint and corruption errors."""
+
+import json
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from safetensors.torch import load_file
+
+from besa_pl.errors import BesaError
+
+from .conftest import fit_args, run_cli
+
+
+class InterruptAt(Callback):
+    """Test helper: raise at a chosen point, like Ctrl-C (KeyboardInterrupt) or a crash (RuntimeError)."""
+
+    def __init__(self, block: int, batch: int | None = None, crash: bool = False) -> None:
+        self.block, self.batch, self.crash = block, batch, crash
+
+    def _stop(self):
+        raise RuntimeError("simulated crash") if self.crash else KeyboardInterrupt
+
+    def on_train_batch_start(self, trainer, pruner, batch, batch_idx):
+        if self.batch is not None and pruner.block_index == self.block and batch_idx == self.batch:
+            self._stop()
+
+    def on_train_epoch_end(self, trainer, pruner):
+        if self.batch is None and pruner.block_index == self.block + 1:
+            self._stop()
+
+
+def interrupt_config(tmp_path, block, batch=None, crash=False):
+    path = tmp_path / f"interrupt-{block}-{batch}-{crash}.yaml"
+    args = {"block": block, "batch": batch, "crash": crash}
+    path.write_text(
+        "trainer:\n  callbacks:\n    - class_path: tests.test_resume.InterruptAt\n"
+        f"      init_args: {json.dumps(args)}\n"
+    )
+    return str(path)
+
+
+def pruned_weights(root):
+    return load_file(str(root / "pruned" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, calibration_text, tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    run_cli(fit_args(tiny_model_dir("llama"), calibration_text, root))
+    return pruned_weights(root)
+
+
+def _interrupted_then_resumed(tiny_model_dir, calibration_text, tmp_path, block, batch=None, crash=False):
+    args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path)
+    with pytest.raises((SystemExit, RuntimeError)):
+        run_cli(["fit", "--config", interrupt_config(tmp_path, block, batch, crash), *args[1:]])
+    assert not (tmp_path / "sparsity.json").exists()
+    assert not (tmp_path / "pruned").exists()
+    run_cli(args + ["--ckpt_path", "last"])
+    return pruned_weights(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "block,batch,crash",
+    [(0, None, False), (1, None, True), (1, 2, False), (2, 0, False), (0, 3, True)],
+    ids=["ctrl-c after block 0", "crash after block 1", "ctrl-c inside block 1", "ctrl-c at start of block 2",
+         "crash inside block 0"],
+)
+def test_resume_gives_the_same_masks_as_an_uninterrupted_run(
+    block, batch, crash, reference, tiny_model_dir, calibration_text, tmp_path
+):
+    resumed = _interrupted_then_resumed(tiny_model_dir, calibration_text, tmp_path, block, batch, crash)
+    assert resumed.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(resumed[name], tensor), name
+        assert torch.equal(resumed[name] == 0, tensor == 0), name
+
+
+def test_checkpoint_holds_no_base_weights(tiny_model_dir, calibration_text, tmp_path):
+    run_cli(fit_args(tiny_model_dir("llama"), calibration_text, tmp_path))
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["state_dict"] == {}
+    state = checkpoint["besa"]
+    assert state["block_index"] == 3
+    assert set(state["masks"]) == {0, 1, 2}
+    assert state["masks"][0]["self_attn.q_proj"]["bits"].dtype == torch.uint8
+    assert state["model_fingerprint"] and state["settings"]["model.sparsity"] == 0.5
+
+
+def test_resume_with_a_changed_setting_names_it(tiny_model_dir, calibration_text, tmp_path, capsys):
+    args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path)
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "--config", interrupt_config(tmp_path, 0), *args[1:]])
+    with pytest.raises(SystemExit) as stop:
+        run_cli(args + ["--model.sparsity", "0.6", "--ckpt_path", "last"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "model.sparsity=0.5 in the checkpoint but 0.6 now" in " ".join(err.split())
+
+
+def test_resume_against_another_model_is_refused(tiny_model_dir, calibration_text, tmp_path, capsys):
+    args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path)
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "--config", interrupt_config(tmp_path, 0), *args[1:]])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"))
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.mul_(1.01)  # a fine-tuned sibling: same shapes
+    model.save_pretrained(tmp_path / "other")
+    AutoTokenizer.from_pretrained(tiny_model_dir("llama")).save_pretrained(tmp_path / "other")
+    other = fit_args(tmp_path / "other", calibration_text, tmp_path)
+    with pytest.raises(SystemExit):
+        run_cli(other + ["--ckpt_path", "last"])
+    assert "different base model" in " ".join(capsys.readouterr().err.split())
+
+
+def test_truncated_checkpoint_gives_a_clear_error(tiny_model_dir, calibration_text, tmp_path, capsys):
+    args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path)
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "--config", interrupt_config(tmp_path, 0), *args[1:]])
+    path = tmp_path / "checkpoints" / "interrupted.ckpt"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(SystemExit):
+        run_cli(args + ["--ckpt_path", str(path)])
+    assert "corrupt or truncated" in " ".join(capsys.readouterr().err.split())
