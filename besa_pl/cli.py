@@ -30,6 +30,11 @@ class BesaCLI(LightningCLI):
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="Prune again into a trainer.default_root_dir that holds a finished run")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would copy the checkpoint's hyperparameters over the command line; besa-pl
+        # instead compares them on resume and refuses a mismatch with a message naming the setting.
+        pass
+
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         root = Path(config["trainer"].get("default_root_dir") or os.getcwd())

@@ -271,6 +271,7 @@ class BESAPruner(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {}
+        checkpoint.pop("hyper_parameters", None)  # the result-changing settings live in checkpoint["besa"]
         checkpoint["besa"] = dump_state(self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
