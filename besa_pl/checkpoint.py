@@ -123,6 +123,7 @@ def load_state(pruner, checkpoint: dict[str, Any]) -> ResumeState:
     pruner.block_logs = list(state["block_logs"])
     pruner.block_index = finished
     pruner.prepared = False
+    pruner.resumed = True
     return ResumeState(block_logits=state["block_logits"])
 
 

@@ -8,12 +8,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
-from .callbacks import BlockwiseLoop, SaveOnInterrupt
+from .callbacks import BlockCheckpoint, BlockwiseLoop, SaveOnInterrupt
 from .checkpoint import AtomicCheckpointIO
 from .data import CalibrationDataModule
 from .errors import BesaError
@@ -45,7 +45,7 @@ class BesaCLI(LightningCLI):
         if progress and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(RichProgressBar(leave=False))
         checkpoints = root / "checkpoints"
-        callbacks.append(ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0, every_n_epochs=1))
+        callbacks.append(BlockCheckpoint(dirpath=str(checkpoints)))
         callbacks.append(SaveOnInterrupt(dirpath=checkpoints, filename="interrupted"))
         config["trainer"]["callbacks"] = callbacks
         plugins = list(config["trainer"].get("plugins") or [])

@@ -116,6 +116,7 @@ class BESAPruner(L.LightningModule):
         self.block_logs: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {}
         self._resume: ResumeState | None = None
+        self.resumed = False
         self._fingerprint: str | None = None
 
     # ----------------------------------------------------------------- loading

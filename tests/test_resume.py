@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from besa_pl.errors import BesaError
 
-from .conftest import fit_args, run_cli
+from .conftest import REPO, fit_args, run_cli
 
 
 class InterruptAt(Callback):
@@ -51,13 +51,24 @@ def reference(tiny_model_dir, calibration_text, tmp_path_factory):
     return pruned_weights(root)
 
 
-def _interrupted_then_resumed(tiny_model_dir, calibration_text, tmp_path, block, batch=None, crash=False):
+def _interrupted_then_resumed(tiny_model_dir, calibration_text, tmp_path, capsys, block, batch=None, crash=False):
     args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path)
     with pytest.raises((SystemExit, RuntimeError)):
         run_cli(["fit", "--config", interrupt_config(tmp_path, block, batch, crash), *args[1:]])
     assert not (tmp_path / "sparsity.json").exists()
     assert not (tmp_path / "pruned").exists()
+    capsys.readouterr()
     run_cli(args + ["--ckpt_path", "last"])
+    # Ctrl-C saves where the run stands; a crash saves nothing, so the last finished block's checkpoint is used.
+    if batch is None:
+        resumed_at, step = (block if crash else block + 1), 0
+    else:
+        resumed_at, step = block, (0 if crash else batch)
+    err = " ".join(capsys.readouterr().err.split())
+    if crash and resumed_at == 0:
+        assert "resuming" not in err  # no block finished, no checkpoint: a fresh start
+    else:
+        assert f"resuming at block {resumed_at + 1}/3 (a checkpoint taken {step} steps into it)" in err
     return pruned_weights(tmp_path)
 
 
@@ -68,9 +79,9 @@ def _interrupted_then_resumed(tiny_model_dir, calibration_text, tmp_path, block,
          "crash inside block 0"],
 )
 def test_resume_gives_the_same_masks_as_an_uninterrupted_run(
-    block, batch, crash, reference, tiny_model_dir, calibration_text, tmp_path
+    block, batch, crash, reference, tiny_model_dir, calibration_text, tmp_path, capsys
 ):
-    resumed = _interrupted_then_resumed(tiny_model_dir, calibration_text, tmp_path, block, batch, crash)
+    resumed = _interrupted_then_resumed(tiny_model_dir, calibration_text, tmp_path, capsys, block, batch, crash)
     assert resumed.keys() == reference.keys()
     for name, tensor in reference.items():
         assert torch.equal(resumed[name], tensor), name
@@ -125,3 +136,58 @@ def test_truncated_checkpoint_gives_a_clear_error(tiny_model_dir, calibration_te
     with pytest.raises(SystemExit):
         run_cli(args + ["--ckpt_path", str(path)])
     assert "corrupt or truncated" in " ".join(capsys.readouterr().err.split())
+
+
+class SignalAt(Callback):
+    """Test helper: the process sends itself a signal inside block 1, as a scheduler would."""
+
+    def __init__(self, signal_name: str) -> None:
+        self.signal_name = signal_name
+
+    def on_train_batch_start(self, trainer, pruner, batch, batch_idx):
+        if pruner.block_index == 1 and batch_idx == 2:
+            import os
+            import signal
+
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+def signal_config(tmp_path, name):
+    path = tmp_path / f"signal-{name}.yaml"
+    path.write_text(
+        "trainer:\n  callbacks:\n    - class_path: tests.test_resume.SignalAt\n"
+        f"      init_args: {{signal_name: {name}}}\n"
+    )
+    return str(path)
+
+
+def test_sigterm_saves_where_the_run_stands(reference, tiny_model_dir, calibration_text, tmp_path, capsys):
+    args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(["fit", "--config", signal_config(tmp_path, "SIGTERM"), *args[1:]])
+    assert stop.value.code == 143
+    state = torch.load(tmp_path / "checkpoints" / "interrupted.ckpt", weights_only=False)["besa"]
+    assert state["block_index"] == 1 and state["block_logits"] is not None
+    capsys.readouterr()
+    run_cli(args + ["--ckpt_path", "last"])
+    assert "resuming at block 2/3" in " ".join(capsys.readouterr().err.split())
+    resumed = pruned_weights(tmp_path)
+    assert all(torch.equal(resumed[name], tensor) for name, tensor in reference.items())
+
+
+def test_after_sigkill_the_last_finished_block_checkpoint_is_intact(reference, tiny_model_dir, calibration_text, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path)
+    code = "import sys; from besa_pl.cli import main; main(sys.argv[1:])"
+    killed = subprocess.run([sys.executable, "-c", code, "fit", "--config", signal_config(tmp_path, "SIGKILL"), *args[1:]],
+                            capture_output=True, cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert killed.returncode == -9
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]  # no temporary left
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["besa"]
+    assert state["block_index"] == 1
+    run_cli(args + ["--ckpt_path", "last"])
+    resumed = pruned_weights(tmp_path)
+    assert all(torch.equal(resumed[name], tensor) for name, tensor in reference.items())

@@ -1,5 +1,6 @@
+from .block_checkpoint import BlockCheckpoint
 from .blockwise_loop import BlockwiseLoop, SaveOnInterrupt
 from .perplexity import PerplexityEval
 from .zero_shot import ZeroShotEval
 
-__all__ = ["BlockwiseLoop", "PerplexityEval", "SaveOnInterrupt", "ZeroShotEval"]
+__all__ = ["BlockCheckpoint", "BlockwiseLoop", "PerplexityEval", "SaveOnInterrupt", "ZeroShotEval"]

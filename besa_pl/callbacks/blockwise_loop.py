@@ -38,6 +38,13 @@ class BlockwiseLoop(Callback):
             epochs = pruner.hparams.epochs_per_block
             trainer.fit_loop.max_epochs = pruner.num_blocks * epochs if pruner.pruning else 0
 
+    def on_train_start(self, trainer, pruner) -> None:
+        if pruner.resumed:  # the fit loop's position is restored only now
+            step = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            step = step if step < trainer.num_training_batches else 0  # saved at a block's end
+            console.print(f"resuming at block {pruner.block_index + 1}/{pruner.num_blocks} "
+                          f"(a checkpoint taken {step} steps into it)")
+
     def on_train_epoch_start(self, trainer, pruner) -> None:
         self._started = self._started or time.perf_counter()
         pruner.ensure_prepared()
