@@ -61,7 +61,7 @@ def realised_sparsity(model) -> dict[str, Any]:
 def sparsity_report(pruner) -> dict[str, Any]:
     report = realised_sparsity(pruner.model)
     report["method"] = pruner.hparams.method
-    report["target"] = pruner.hparams.sparsity
+    report["target"] = pruner.target_sparsity
     report["structure"] = pruner.hparams.structure
     report["learned_rates"] = {str(k): v for k, v in pruner.learned.items()}
     report["expected_sparsity"] = {str(e["block"]): e["expected_sparsity"] for e in pruner.block_logs}

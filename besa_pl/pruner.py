@@ -146,6 +146,11 @@ class BESAPruner(L.LightningModule):
         return len(self.blocks)
 
     @property
+    def target_sparsity(self) -> float:
+        """s*, or 1 - N/M under N:M structure (which decides the rate by itself)."""
+        return 1.0 - self.nm[0] / self.nm[1] if self.nm else self.hparams.sparsity
+
+    @property
     def pruning(self) -> bool:
         return self.hparams.method != "dense"
 

@@ -81,7 +81,7 @@ class BlockwiseLoop(Callback):
             console.print(f"pruned model written to {root / 'pruned'}")
         sparsity = sparsity_report(pruner)
         pruner.results["method"] = pruner.hparams.method
-        pruner.results["target_sparsity"] = pruner.hparams.sparsity if pruner.pruning else 0.0
+        pruner.results["target_sparsity"] = pruner.target_sparsity if pruner.pruning else 0.0
         pruner.results["realised_sparsity"] = sparsity["overall"]
         write_json_atomic(root / FINISHED_MARKER, sparsity)
         self._finished = True

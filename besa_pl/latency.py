@@ -1,0 +1,67 @@
+"""Measured speed, labelled honestly: forward latency on this machine, and 2:4 sparse kernels on GPUs."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from .models import decoder_blocks, prunable_linears
+
+
+def _time(fn, repeats: int, sync) -> float:
+    fn()  # warm-up
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def _sync(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+@torch.no_grad()
+def forward_latency(model: nn.Module, seqlen: int = 128, repeats: int = 5) -> float:
+    """Seconds for one batch-1 forward pass of `seqlen` tokens with the model's own (dense) kernels."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (1, seqlen), device=device)
+    return _time(lambda: model(ids, use_cache=False), repeats, _sync(device))
+
+
+def semi_structured_skip_reason(model: nn.Module) -> str | None:
+    """Why the 2:4 sparse-kernel measurement cannot run here, or None if it can."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU: torch's 2:4 sparse kernels need one of compute capability 8.0 or newer"
+    major, _ = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"GPU compute capability {major}.x is below 8.0, which 2:4 sparse kernels need"
+    return None
+
+
+def is_two_four(weight: torch.Tensor) -> bool:
+    groups = (weight != 0).reshape(weight.shape[0], -1, 4).sum(dim=-1)
+    return bool((groups <= 2).all())
+
+
+@torch.no_grad()
+def semi_structured_latency(model: nn.Module, tokens: int = 2048, repeats: int = 20) -> dict:
+    """Per projection type: dense matmul vs torch.sparse.to_sparse_semi_structured on the GPU (fp16)."""
+    from torch.sparse import to_sparse_semi_structured
+
+    results: dict[str, dict[str, float]] = {}
+    block = decoder_blocks(model)[0]
+    for name, linear in prunable_linears(block).items():
+        weight = linear.weight.detach().to("cuda", torch.float16)
+        if not is_two_four(weight):
+            continue
+        x = torch.randn(tokens, weight.shape[1], device="cuda", dtype=torch.float16)
+        sparse = to_sparse_semi_structured(weight)
+        dense_s = _time(lambda: torch.nn.functional.linear(x, weight), repeats, torch.cuda.synchronize)
+        sparse_s = _time(lambda: torch.nn.functional.linear(x, sparse), repeats, torch.cuda.synchronize)
+        results[name.split(".")[-1]] = {"dense_ms": dense_s * 1e3, "sparse_ms": sparse_s * 1e3,
+                                        "speedup": dense_s / sparse_s}
+    return results
