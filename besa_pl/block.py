@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 from .allocation import SparsityAllocation
 from .loss import reconstruction_loss, sparsity_penalty
 from .models import call_block, prunable_linears
+from .quant import LearnableClipQuantizer, QuantConfig, apply_params
 
 
 class BESABlock(L.LightningModule):
@@ -35,6 +36,7 @@ class BESABlock(L.LightningModule):
         optimizer: str = "prodigy",
         lr: float = 1.0,
         d_coef: float = 5.0,
+        quant: QuantConfig | None = None,
     ) -> None:
         super().__init__()
         self.block = block
@@ -45,16 +47,25 @@ class BESABlock(L.LightningModule):
         self.optimizer_name = optimizer
         self.lr = lr
         self.d_coef = d_coef
+        self.quant = quant if quant is not None and quant.enabled else None
         self.linears = prunable_linears(block)
         total = sum(linear.weight.numel() for linear in self.linears.values())
         self.shares = {name: linear.weight.numel() / total for name, linear in self.linears.items()}
         for name, linear in self.linears.items():
-            allocation = SparsityAllocation(ranks[name].to(linear.weight.device), rates, granularity, smoothing)
-            parametrize.register_parametrization(linear, "weight", allocation.to(linear.weight.device))
+            device = linear.weight.device
+            if self.quant is not None:  # W_eff = Q(W) * M: quantize first, then mask
+                quantizer = LearnableClipQuantizer(linear.weight.shape, self.quant.bits, self.quant.group_size,
+                                                   self.quant.clip_init, self.quant.learn_clipping)
+                parametrize.register_parametrization(linear, "weight", quantizer.to(device))
+            allocation = SparsityAllocation(ranks[name].to(device), rates, granularity, smoothing)
+            parametrize.register_parametrization(linear, "weight", allocation.to(device))
         self.last_metrics: dict[str, float] = {}
 
     def allocation(self, name: str) -> SparsityAllocation:
-        return self.linears[name].parametrizations.weight[0]
+        return self.linears[name].parametrizations.weight[-1]
+
+    def quantizer(self, name: str) -> LearnableClipQuantizer | None:
+        return self.linears[name].parametrizations.weight[0] if self.quant is not None else None
 
     def forward(self, hidden: Tensor) -> Tensor:
         return call_block(self.block, hidden, self.block_kwargs)
@@ -78,25 +89,33 @@ class BESABlock(L.LightningModule):
             raise FloatingPointError(f"loss became {self.last_metrics['loss']} at step {batch_idx}")
         return loss
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The logits' optimizer, and AdamW for the clipping logits when they are learned."""
         params = [self.allocation(name).logits for name in self.linears]
         if self.optimizer_name == "prodigy":
             from prodigyopt import Prodigy
 
             # The release scripts' settings (BESA_SPEC 8); only d_coef varies by model.
-            return Prodigy(params, lr=self.lr, d_coef=self.d_coef, weight_decay=0.0, decouple=True,
-                           use_bias_correction=False, safeguard_warmup=False, d0=1e-6)
-        if self.optimizer_name == "adamw":
-            return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
-        raise ValueError(f"unknown optimizer {self.optimizer_name!r}")
+            optimizers = [Prodigy(params, lr=self.lr, d_coef=self.d_coef, weight_decay=0.0, decouple=True,
+                                  use_bias_correction=False, safeguard_warmup=False, d0=1e-6)]
+        elif self.optimizer_name == "adamw":
+            optimizers = [torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)]
+        else:
+            raise ValueError(f"unknown optimizer {self.optimizer_name!r}")
+        if self.quant is not None and self.quant.learn_clipping:
+            clips = [p for name in self.linears for p in (self.quantizer(name).clip_upper, self.quantizer(name).clip_lower)]
+            optimizers.append(torch.optim.AdamW(clips, lr=self.quant.clip_lr, weight_decay=0.0))
+        return optimizers
 
-    def logits_state(self) -> dict[str, Tensor]:
-        return {name: self.allocation(name).logits.detach().clone() for name in self.linears}
+    def trainable_state(self) -> dict[str, Tensor]:
+        """Every trainable tensor by name: the logits and, when learned, the clipping logits."""
+        return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
-    def load_logits(self, state: dict[str, Tensor]) -> None:
-        for name, logits in state.items():
-            self.allocation(name).logits.copy_(logits)
+    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
+        params = dict(self.named_parameters())
+        for name, value in state.items():
+            params[name].copy_(value)
 
     @torch.no_grad()
     def learned_rates(self) -> dict[str, Tensor]:
@@ -104,10 +123,15 @@ class BESABlock(L.LightningModule):
         return {name: self.allocation(name).row_alpha().detach().cpu() for name in self.linears}
 
     @torch.no_grad()
-    def finalize(self) -> dict[str, Tensor]:
-        """Compute the hard masks in fp32, unwrap the linears and burn the masks into the weights."""
+    def finalize(self) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+        """Hard masks in fp32, burned into the (quantized) weights; returns masks and quant params."""
         masks = {name: self.allocation(name).hard_mask() for name in self.linears}
+        qparams = {}
         for name, linear in self.linears.items():
+            if self.quant is not None:
+                qparams[name] = self.quantizer(name).params(linear.parametrizations.weight.original)
             parametrize.remove_parametrizations(linear, "weight", leave_parametrized=False)
+            if self.quant is not None:
+                linear.weight.copy_(apply_params(linear.weight, self.quant.bits, self.quant.group_size, *qparams[name]))
             linear.weight.mul_(masks[name].to(linear.weight.dtype))
-        return masks
+        return masks, qparams

@@ -7,6 +7,7 @@ position and fingerprints of the base model and of every setting that changes th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -19,13 +20,14 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from .activations import run_block
 from .errors import BesaError
 from .models import prunable_linears
+from .quant import apply_params
 
 FORMAT_VERSION = 1
 
 
 @dataclass
 class ResumeState:
-    block_logits: dict[str, torch.Tensor] | None
+    block_state: dict[str, torch.Tensor] | None
 
 
 def model_fingerprint(obj) -> str:
@@ -41,7 +43,14 @@ def model_fingerprint(obj) -> str:
 
 
 def block_fingerprint_settings(hparams: dict[str, Any], datamodule) -> dict[str, Any]:
-    settings = {f"model.{key}": value for key, value in hparams.items() if key != "pretrained"}
+    settings = {}
+    for key, value in hparams.items():
+        if key == "pretrained":
+            continue  # the weights' fingerprint stands for the model, wherever its folder is
+        if dataclasses.is_dataclass(value):
+            settings.update({f"model.{key}.{k}": v for k, v in dataclasses.asdict(value).items()})
+        else:
+            settings[f"model.{key}"] = value
     for key in ("dataset", "nsamples", "seqlen", "seed"):
         settings[f"data.{key}"] = getattr(datamodule, key)
     return settings
@@ -66,7 +75,8 @@ def dump_state(pruner) -> dict[str, Any]:
         "masks": {i: {name: pack_mask(m) for name, m in masks.items()} for i, masks in pruner.masks.items()},
         "learned": pruner.learned,
         "block_logs": pruner.block_logs,
-        "block_logits": pruner.current.logits_state() if pruner.current is not None else None,
+        "block_state": pruner.current.trainable_state() if pruner.current is not None else None,
+        "quant_params": pruner.quant_params,
         "settings": pruner.result_settings(),
         "model_fingerprint": pruner.fingerprint(),
         "calibration_fingerprint": pruner.calibration_fingerprint,
@@ -115,16 +125,21 @@ def load_state(pruner, checkpoint: dict[str, Any]) -> ResumeState:
                 run_block(block, cache.dense_inputs, kwargs, pruner.device, out=cache.dense_inputs)
             linears = prunable_linears(block)
             for name, packed in state["masks"][index].items():
-                linears[name].weight.mul_(unpack_mask(packed).to(linears[name].weight.device, linears[name].weight.dtype))
+                weight = linears[name].weight
+                if index in state["quant_params"]:
+                    scale, zero = (t.to(weight.device) for t in state["quant_params"][index][name])
+                    weight.copy_(apply_params(weight, pruner.quant.bits, pruner.quant.group_size, scale, zero))
+                weight.mul_(unpack_mask(packed).to(weight.device, weight.dtype))
             run_block(block, cache.inputs, kwargs, pruner.device, out=cache.inputs)
             block.to("cpu")
     pruner.masks = {i: {name: unpack_mask(p) for name, p in masks.items()} for i, masks in state["masks"].items()}
     pruner.learned = state["learned"]
+    pruner.quant_params = state["quant_params"]
     pruner.block_logs = list(state["block_logs"])
     pruner.block_index = finished
     pruner.prepared = False
     pruner.resumed = True
-    return ResumeState(block_logits=state["block_logits"])
+    return ResumeState(block_state=state["block_state"])
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -16,6 +16,7 @@ from .checkpoint import ResumeState, block_fingerprint_settings, dump_state, loa
 from .errors import BesaError
 from .importance import InputStatistics, importance_scores, row_ranks
 from .models import decoder_blocks, load_model, prunable_linears
+from .quant import SUPPORTED_BITS, QuantConfig, apply_params, quant_params
 
 log = logging.getLogger("besa_pl")
 
@@ -49,6 +50,7 @@ class BESAPruner(L.LightningModule):
         d_coef: Prodigy's d_coef (5 for 7B/13B row-wise in the paper).
         epochs_per_block: passes over the calibration samples per block (1).
         dtype: weights' dtype: float32 | bfloat16 | float16.
+        quant: joint weight quantization (`--model.quant.bits 4 --model.quant.group_size 128`).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class BESAPruner(L.LightningModule):
         d_coef: float = 5.0,
         epochs_per_block: int = 1,
         dtype: str = "float32",
+        quant: QuantConfig = QuantConfig(),
     ) -> None:
         super().__init__()
         _choice("model.method", method, METHODS)
@@ -95,6 +98,11 @@ class BESAPruner(L.LightningModule):
                 raise BesaError(f"model.structure={structure}: write N:M with 0 < N < M, e.g. 2:4")
             if method == "besa":
                 raise BesaError("model.structure: N:M sparsity works with --model.method magnitude, wanda or sparsegpt, not besa")
+        if quant.enabled and quant.bits not in SUPPORTED_BITS:
+            raise BesaError(f"model.quant.bits={quant.bits}: use one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if quant.group_size is not None and quant.group_size < 1:
+            raise BesaError(f"model.quant.group_size={quant.group_size}: must be a positive number of input columns")
+        self.quant = quant
         self.rates = candidate_rates(sparsity, num_candidates, candidate_grid)
         if smoothing:
             low, high = smoothing_band(self.rates)
@@ -105,6 +113,7 @@ class BESAPruner(L.LightningModule):
                 )
         self.save_hyperparameters()
         self.strict_loading = False  # checkpoints never hold the base model's weights
+        self.automatic_optimization = False  # one or two optimizers (logits, clipping) per block
         self.model = None
         self._tokenizer = None
         self.cache: ActivationCache | None = None
@@ -113,6 +122,7 @@ class BESAPruner(L.LightningModule):
         self.prepared = False
         self.masks: dict[int, dict[str, torch.Tensor]] = {}
         self.learned: dict[int, dict[str, dict[str, float]]] = {}
+        self.quant_params: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.block_logs: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {}
         self._resume: ResumeState | None = None
@@ -127,6 +137,10 @@ class BESAPruner(L.LightningModule):
             for index, block in enumerate(blocks):
                 for name, linear in prunable_linears(block).items():
                     check_structure(self.nm, linear.in_features, f"block {index} {name}")
+                    group = self.quant.group_size if self.quant.enabled else None
+                    if group is not None and linear.in_features % group:
+                        raise BesaError(f"model.quant.group_size={group} does not divide block {index} {name}'s "
+                                        f"{linear.in_features} input features; pick a divisor or leave it unset")
 
     @property
     def tokenizer(self):
@@ -200,7 +214,7 @@ class BESAPruner(L.LightningModule):
             self.cache.targets = outputs
             self.current = BESABlock(
                 block, kwargs_on(kwargs, self.device), ranks, self.rates, hp.sparsity, hp.granularity, hp.smoothing,
-                hp.penalty_weight, hp.penalty_form, hp.optimizer, hp.lr, hp.d_coef,
+                hp.penalty_weight, hp.penalty_form, hp.optimizer, hp.lr, hp.d_coef, self.quant,
             )
         else:
             self.masks[index] = {
@@ -208,8 +222,20 @@ class BESAPruner(L.LightningModule):
                                    log=lambda msg: log.warning(f"block {index} {name}: {msg}")).cpu()
                 for name, linear in linears.items()
             }
+            if self.quant.enabled:
+                self.quant_params[index] = {name: self._round_to_nearest(linear, self.masks[index][name])
+                                            for name, linear in linears.items()}
             self.current = None
         self.prepared = True
+
+    @torch.no_grad()
+    def _round_to_nearest(self, linear, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint baseline: plain min-max RTN of the pruned weight, the mask applied after."""
+        one = torch.ones((), device=linear.weight.device)
+        scale, zero = quant_params(linear.weight, self.quant.bits, self.quant.group_size, one, one)
+        linear.weight.copy_(apply_params(linear.weight, self.quant.bits, self.quant.group_size, scale, zero))
+        linear.weight.mul_(keep.to(linear.weight.device, linear.weight.dtype))
+        return scale.cpu(), zero.cpu()
 
     def finish_block(self) -> dict[str, Any]:
         """Burn in the masks, compute the next block's inputs, and move on."""
@@ -218,8 +244,10 @@ class BESAPruner(L.LightningModule):
         if self.current is not None:
             rates = self.current.learned_rates()
             expected = float(self.current.expected_sparsity())
-            masks = self.current.finalize()
+            masks, qparams = self.current.finalize()
             self.masks[index] = {name: mask.cpu() for name, mask in masks.items()}
+            if qparams:
+                self.quant_params[index] = {name: (s.cpu(), z.cpu()) for name, (s, z) in qparams.items()}
             self.learned[index] = {
                 name: {"mean": float(r.mean()), "min": float(r.min()), "max": float(r.max())} for name, r in rates.items()
             }
@@ -240,8 +268,8 @@ class BESAPruner(L.LightningModule):
     def ensure_prepared(self) -> None:
         if self.pruning and not self.prepared and self.block_index < self.num_blocks:
             self.prepare_block()
-            if self._resume is not None and self._resume.block_logits and self.current is not None:
-                self.current.load_logits(self._resume.block_logits)
+            if self._resume is not None and self._resume.block_state and self.current is not None:
+                self.current.load_trainable_state(self._resume.block_state)
             self._resume = None
 
     # ------------------------------------------------------------- lightning
@@ -264,11 +292,18 @@ class BESAPruner(L.LightningModule):
                 f"block {self.block_index}: {error}; the checkpoint of the last finished block is kept. "
                 "Try --model.dtype float32, --trainer.precision 32 or a smaller --model.d_coef"
             ) from error
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        self.manual_backward(loss)
+        for optimizer in optimizers:
+            optimizer.step()
         metrics = self.current.last_metrics
         self.log("block", float(self.block_index), prog_bar=True, on_step=True, on_epoch=False)
         self.log("loss", metrics["loss"], prog_bar=True, on_step=True, on_epoch=True)
         self.log("expected_sparsity", metrics["expected_sparsity"], prog_bar=True, on_step=True, on_epoch=False)
-        return loss
+        return loss.detach()
 
     def result_settings(self) -> dict[str, Any]:
         """Every setting that changes the pruned model (resume refuses if one differs)."""

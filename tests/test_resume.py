@@ -167,7 +167,7 @@ def test_sigterm_saves_where_the_run_stands(reference, tiny_model_dir, calibrati
         run_cli(["fit", "--config", signal_config(tmp_path, "SIGTERM"), *args[1:]])
     assert stop.value.code == 143
     state = torch.load(tmp_path / "checkpoints" / "interrupted.ckpt", weights_only=False)["besa"]
-    assert state["block_index"] == 1 and state["block_logits"] is not None
+    assert state["block_index"] == 1 and state["block_state"] is not None
     capsys.readouterr()
     run_cli(args + ["--ckpt_path", "last"])
     assert "resuming at block 2/3" in " ".join(capsys.readouterr().err.split())

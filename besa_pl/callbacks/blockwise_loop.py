@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
 from ..export import FINISHED_MARKER, save_folder_atomic, sparsity_report, write_json_atomic
+from ..packed import folder_bytes, fp16_bytes, save_packed
 from ..report import report
 
 console = Console(stderr=True)
@@ -79,6 +80,11 @@ class BlockwiseLoop(Callback):
         if pruner.pruning and self.export:
             save_folder_atomic(pruner.model, pruner.tokenizer, root / "pruned")
             console.print(f"pruned model written to {root / 'pruned'}")
+            if pruner.quant.enabled:
+                packed = save_packed(pruner, root / "packed")
+                pruner.results["bytes"] = export_sizes(pruner.model, packed)
+                console.print(f"packed model written to {packed} ({pruner.results['bytes']['packed']:,} bytes; "
+                              f"fp16 would be {pruner.results['bytes']['fp16']:,})")
         sparsity = sparsity_report(pruner)
         pruner.results["method"] = pruner.hparams.method
         pruner.results["target_sparsity"] = pruner.target_sparsity if pruner.pruning else 0.0
@@ -95,6 +101,12 @@ class BlockwiseLoop(Callback):
                 numbers = {k: v for k, v in pruner.results.items() if isinstance(v, float)}
                 trainer.logger.log_metrics(numbers)
                 trainer.logger.save()
+
+
+def export_sizes(model, packed_folder) -> dict[str, int]:
+    """Bytes of the weights in fp16 (dense or pruned: zeros still stored) and of the packed folder."""
+    fp16 = fp16_bytes(model)
+    return {"fp16": fp16, "pruned_fp16": fp16, "packed": folder_bytes(packed_folder)}
 
 
 class SaveOnInterrupt(OnExceptionCheckpoint):
