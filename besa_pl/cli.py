@@ -13,12 +13,13 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
-from .callbacks import BlockCheckpoint, BlockwiseLoop, SaveOnInterrupt
+from .callbacks import BlockwiseLoop
 from .checkpoint import AtomicCheckpointIO
 from .data import CalibrationDataModule
 from .errors import BesaError
 from .export import is_finished_run
 from .pruner import BESAPruner
+from .runtime import required_callbacks
 
 console = Console(stderr=True)
 
@@ -44,10 +45,7 @@ class BesaCLI(LightningCLI):
         progress = config["trainer"].get("enable_progress_bar") is not False
         if progress and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(RichProgressBar(leave=False))
-        checkpoints = root / "checkpoints"
-        callbacks.append(BlockCheckpoint(dirpath=str(checkpoints)))
-        callbacks.append(SaveOnInterrupt(dirpath=checkpoints, filename="interrupted"))
-        config["trainer"]["callbacks"] = callbacks
+        config["trainer"]["callbacks"] = callbacks + required_callbacks(root)
         plugins = list(config["trainer"].get("plugins") or [])
         plugins.append(AtomicCheckpointIO())
         config["trainer"]["plugins"] = plugins

@@ -243,7 +243,7 @@ class BESAPruner(L.LightningModule):
         block = self.blocks[index]
         if self.current is not None:
             rates = self.current.learned_rates()
-            expected = float(self.current.expected_sparsity())
+            expected = self.current.expected_sparsity().item()
             masks, qparams = self.current.finalize()
             self.masks[index] = {name: mask.cpu() for name, mask in masks.items()}
             if qparams:

@@ -1,0 +1,89 @@
+"""Cost of one BESA training step on a demo-model block, against the floor.
+
+The floor is what any method that backpropagates through the block must pay: forward and
+backward of the frozen dense block with a trivial loss (gradient to the block input). A BESA
+step adds the mask construction and the weight-gradient products the logits need.
+
+    python bench/step_cost.py [--seqlen 2048] [--repeats 10] [--device cpu|cuda] [--dtype float32|bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from besa_pl.activations import capture_block_inputs
+from besa_pl.allocation import candidate_rates
+from besa_pl.block import BESABlock
+from besa_pl.importance import InputStatistics, importance_scores, row_ranks
+from besa_pl.models import decoder_blocks, load_model, prunable_linears
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(2):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--block", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+
+    model, _ = load_model("demo", args.dtype)
+    model.to(args.device)
+    tokens = torch.randint(0, model.config.vocab_size, (1, args.seqlen), generator=torch.Generator().manual_seed(0))
+    cache = capture_block_inputs(model, tokens, storage=args.device)
+    block = decoder_blocks(model)[args.block]
+    kwargs = cache.block_kwargs[args.block]
+    x = cache.inputs[:1]
+
+    def floor_step():
+        inputs = x.detach().requires_grad_(True)
+        out = block(inputs, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().pow(2).mean().backward()
+
+    floor = timed(floor_step, args.repeats, args.device)
+
+    linears = prunable_linears(block)
+    stats = {name: InputStatistics(linear) for name, linear in linears.items()}
+    with torch.no_grad():
+        target = block(x, **kwargs)
+        target = target[0] if isinstance(target, tuple) else target
+    for stat in stats.values():
+        stat.remove()
+    ranks = {name: row_ranks(importance_scores("wanda", linears[name].weight, stats[name])) for name in linears}
+    besa = BESABlock(block, kwargs, ranks, candidate_rates(0.5), 0.5)
+    optimizer = besa.configure_optimizers()[0]
+
+    def besa_step():
+        optimizer.zero_grad()
+        loss = besa.training_step((x, target))
+        loss.backward()
+        optimizer.step()
+
+    step = timed(besa_step, args.repeats, args.device)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    trainable = sum(p.numel() for p in besa.parameters() if p.requires_grad)
+    print(f"device: {name}; demo block {args.block}, {args.seqlen} tokens, {args.dtype}")
+    print(f"trainable parameters (logits): {trainable:,}")
+    print(f"floor (dense forward + backward to the input): {floor * 1e3:.1f} ms")
+    print(f"BESA step (masks + forward + backward + Prodigy): {step * 1e3:.1f} ms")
+    print(f"ratio: {step / floor:.2f}")
+
+
+if __name__ == "__main__":
+    main()
