@@ -159,6 +159,11 @@ class BESAPruner(L.LightningModule):
     def num_blocks(self) -> int:
         return len(self.blocks)
 
+    def model_for_evaluation(self):
+        """The model on the Trainer's device: Lightning moves the module to the CPU before on_fit_end."""
+        device = self.trainer.strategy.root_device
+        return self.model.to(device).eval(), device
+
     @property
     def target_sparsity(self) -> float:
         """s*, or 1 - N/M under N:M structure (which decides the rate by itself)."""

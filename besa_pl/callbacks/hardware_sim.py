@@ -80,8 +80,7 @@ class HardwareSimulation(Callback):
         pruner.results["hardware"] = results
 
     def _measure(self, pruner) -> dict:
-        model = pruner.model.to(pruner.device)
-        device = next(model.parameters()).device
+        model, device = pruner.model_for_evaluation()
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
         seconds = forward_latency(model, self.latency_seqlen)
         measured = {"device": name, "forward_ms": seconds * 1e3, "seqlen": self.latency_seqlen,

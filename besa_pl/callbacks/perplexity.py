@@ -96,7 +96,7 @@ class PerplexityEval(Callback):
 
     def on_fit_end(self, trainer, pruner) -> None:
         data_dir = self.data_dir or getattr(trainer.datamodule, "data_dir", None)
-        model = pruner.model.to(pruner.device)
+        model, device = pruner.model_for_evaluation()
         scores, details = {}, {}
         for name in self.datasets:
             text, source = evaluation_text(name, data_dir)
@@ -107,7 +107,7 @@ class PerplexityEval(Callback):
             batches = windows(ids, self.seqlen, limit)
             if batches.shape[0] == 0:
                 raise BesaError(f"PerplexityEval.seqlen={self.seqlen}: {name} has only {ids.numel()} tokens; lower it")
-            value = perplexity(model, batches, self.batch_size, pruner.device)
+            value = perplexity(model, batches, self.batch_size, device)
             scores[name] = value
             details[name] = {"windows": batches.shape[0], "tokens": ids.numel(), "seqlen": self.seqlen, "source": source,
                              "all_windows": self.max_windows is None or batches.shape[0] == ids.numel() // self.seqlen}

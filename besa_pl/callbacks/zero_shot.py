@@ -55,9 +55,9 @@ class ZeroShotEval(Callback):
             console.print(f"[yellow]zero-shot {name} skipped:[/] {reason}")
         results = {"skipped": skipped, "tasks": {}, "versions": {}, "limit": self.limit}
         if specs:
-            model = pruner.model.to(pruner.device).eval()
+            model, device = pruner.model_for_evaluation()
             lm = HFLM(pretrained=model, tokenizer=pruner.tokenizer, batch_size=self.batch_size,
-                      max_length=self.max_length, device=str(pruner.device))
+                      max_length=self.max_length, device=str(device))
             for spec in specs:
                 name = spec if isinstance(spec, str) else spec["task"]
                 try:
