@@ -131,9 +131,11 @@ class SparsityAllocation(nn.Module):
         """Mean expected rate over the layer's groups (differentiable)."""
         return self.alpha().mean()
 
-    def hard_mask(self) -> Tensor:
+    def hard_mask(self, counts: Tensor | None = None) -> Tensor:
+        """Keep-mask from the expected rates (or from given per-row prune counts)."""
         with torch.no_grad():
-            return hard_keep_mask(self.ranks, prune_counts(self.row_alpha(), self.columns))
+            counts = prune_counts(self.row_alpha(), self.columns) if counts is None else counts
+            return hard_keep_mask(self.ranks, counts)
 
     def soft_mask(self) -> Tensor:
         u = rank_space_keep_prob(self.beta(), self.thresholds, self.columns)
@@ -147,3 +149,35 @@ class SparsityAllocation(nn.Module):
         with torch.autocast(weight.device.type, enabled=False):
             mask = self.mask()
         return weight * mask.to(weight.dtype)
+
+
+@torch.no_grad()
+def exact_target_counts(row_alphas: list[Tensor], columns: list[int], target: float) -> list[Tensor]:
+    """Per-row prune counts that keep the learned allocation and hit the block's target exactly.
+
+    The floors and the penalty's equilibrium leave the realised sparsity a little off s*. All
+    rows' rates are shifted by one common amount (bisection), and the few rows whose count
+    steps at that very shift give back the excess, one weight each, in row order.
+    """
+    total = sum(a.numel() * c for a, c in zip(row_alphas, columns))
+    wanted = round(target * total)
+
+    def counts(shift: float) -> list[Tensor]:
+        return [prune_counts((a + shift).clamp(0, 1), c) for a, c in zip(row_alphas, columns)]
+
+    low, high = -1.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        if sum(int(k.sum()) for k in counts(mid)) >= wanted:
+            high = mid
+        else:
+            low = mid
+    result, below = counts(high), counts(low)
+    excess = sum(int(k.sum()) for k in result) - wanted
+    for k, k_low in zip(result, below):
+        if excess <= 0:
+            break
+        stepped = torch.nonzero(k > k_low).flatten()[:excess]
+        k[stepped] -= 1
+        excess -= stepped.numel()
+    return result

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .allocation import SparsityAllocation
+from .allocation import SparsityAllocation, exact_target_counts, prune_counts
 from .loss import reconstruction_loss, sparsity_penalty
 from .models import call_block, prunable_linears
 from .quant import LearnableClipQuantizer, QuantConfig, apply_params
@@ -37,6 +37,7 @@ class BESABlock(L.LightningModule):
         lr: float = 1.0,
         d_coef: float = 5.0,
         quant: QuantConfig | None = None,
+        exact_sparsity: bool = True,
     ) -> None:
         super().__init__()
         self.block = block
@@ -48,6 +49,7 @@ class BESABlock(L.LightningModule):
         self.lr = lr
         self.d_coef = d_coef
         self.quant = quant if quant is not None and quant.enabled else None
+        self.exact_sparsity = exact_sparsity
         self.linears = prunable_linears(block)
         total = sum(linear.weight.numel() for linear in self.linears.values())
         self.shares = {name: linear.weight.numel() / total for name, linear in self.linears.items()}
@@ -118,14 +120,24 @@ class BESABlock(L.LightningModule):
             params[name].copy_(value)
 
     @torch.no_grad()
+    def final_counts(self) -> dict[str, Tensor]:
+        """Per-row prune counts of the final masks: floor(C * alpha), or the exact-target ones."""
+        alphas = {name: self.allocation(name).row_alpha() for name in self.linears}
+        columns = [self.allocation(name).columns for name in self.linears]
+        if not self.exact_sparsity:
+            return {name: prune_counts(a, c) for (name, a), c in zip(alphas.items(), columns)}
+        return dict(zip(alphas, exact_target_counts(list(alphas.values()), columns, self.target)))
+
+    @torch.no_grad()
     def learned_rates(self) -> dict[str, Tensor]:
         """Per-row expected rate of every layer (fp32, outside autocast)."""
-        return {name: self.allocation(name).row_alpha().detach().cpu() for name in self.linears}
+        return {name: self.allocation(name).row_alpha().cpu() for name in self.linears}
 
     @torch.no_grad()
     def finalize(self) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
         """Hard masks in fp32, burned into the (quantized) weights; returns masks and quant params."""
-        masks = {name: self.allocation(name).hard_mask() for name in self.linears}
+        counts = self.final_counts()
+        masks = {name: self.allocation(name).hard_mask(counts[name]) for name in self.linears}
         qparams = {}
         for name, linear in self.linears.items():
             if self.quant is not None:

@@ -51,6 +51,8 @@ class BESAPruner(L.LightningModule):
         epochs_per_block: passes over the calibration samples per block (1).
         dtype: weights' dtype: float32 | bfloat16 | float16.
         quant: joint weight quantization (`--model.quant.bits 4 --model.quant.group_size 128`).
+        exact_sparsity: shift a block's learned rates by one common amount so it ends exactly at the
+            target; false = the official code's floor(C * alpha) (about 0.3% below the target).
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class BESAPruner(L.LightningModule):
         epochs_per_block: int = 1,
         dtype: str = "float32",
         quant: QuantConfig = QuantConfig(),
+        exact_sparsity: bool = True,
     ) -> None:
         super().__init__()
         _choice("model.method", method, METHODS)
@@ -220,6 +223,7 @@ class BESAPruner(L.LightningModule):
             self.current = BESABlock(
                 block, kwargs_on(kwargs, self.device), ranks, self.rates, hp.sparsity, hp.granularity, hp.smoothing,
                 hp.penalty_weight, hp.penalty_form, hp.optimizer, hp.lr, hp.d_coef, self.quant,
+                hp.exact_sparsity,
             )
         else:
             self.masks[index] = {

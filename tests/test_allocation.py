@@ -114,3 +114,14 @@ def test_fixed_rate_one_half_reproduces_per_row_wanda_masks():
     allocation = SparsityAllocation(row_ranks(scores), candidate_rates(0.5), "row", True)
     # logits at zero: alpha = 0.5 in every row, the uniform allocation
     assert torch.equal(allocation.hard_mask(), keep_mask_from_scores(scores, 0.5, "row"))
+
+
+def test_exact_target_counts_hit_the_target_and_keep_the_allocation_order():
+    from besa_pl.allocation import exact_target_counts
+
+    g = torch.Generator().manual_seed(5)
+    alphas = [torch.full((64,), 0.3), 0.3 + 0.1 * torch.rand(32, generator=g)]
+    counts = exact_target_counts(alphas, [64, 128], 0.35)
+    assert sum(int(k.sum()) for k in counts) == round(0.35 * (64 * 64 + 32 * 128))
+    order = torch.argsort(alphas[1])
+    assert torch.all(counts[1][order].diff() >= -1)  # a higher learned rate never prunes clearly less
