@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from .activations import ActivationCache, capture_block_inputs, run_block
+from .activations import ActivationCache, capture_block_inputs, kwargs_to, run_block
 from .allocation import candidate_rates, smoothing_band
 from .baselines import check_structure, parse_structure, prune_linear
 from .block import BESABlock
@@ -221,7 +221,7 @@ class BESAPruner(L.LightningModule):
             ranks = {name: row_ranks(importance_scores(hp.importance, linears[name].weight, stats[name])) for name in linears}
             self.cache.targets = outputs
             self.current = BESABlock(
-                block, kwargs_on(kwargs, self.device), ranks, self.rates, hp.sparsity, hp.granularity, hp.smoothing,
+                block, kwargs_to(kwargs, self.device), ranks, self.rates, hp.sparsity, hp.granularity, hp.smoothing,
                 hp.penalty_weight, hp.penalty_form, hp.optimizer, hp.lr, hp.d_coef, self.quant,
                 hp.exact_sparsity,
             )
@@ -326,9 +326,3 @@ class BESAPruner(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._resume = load_state(self, checkpoint)
-
-
-def kwargs_on(kwargs: dict, device) -> dict:
-    from .activations import kwargs_to
-
-    return kwargs_to(kwargs, device)

@@ -191,3 +191,15 @@ def test_after_sigkill_the_last_finished_block_checkpoint_is_intact(reference, t
     run_cli(args + ["--ckpt_path", "last"])
     resumed = pruned_weights(tmp_path)
     assert all(torch.equal(resumed[name], tensor) for name, tensor in reference.items())
+
+
+def test_resume_inside_a_block_with_joint_quantization(tiny_model_dir, calibration_text, tmp_path):
+    quant = ["--model.quant.bits", "4", "--model.quant.group_size", "16"]
+    straight = tmp_path / "straight"
+    run_cli(fit_args(tiny_model_dir("llama"), calibration_text, straight, *quant))
+    args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path / "resumed", *quant)
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "--config", interrupt_config(tmp_path, 1, 2), *args[1:]])
+    run_cli(args + ["--ckpt_path", "last"])
+    expected, resumed = pruned_weights(straight), pruned_weights(tmp_path / "resumed")
+    assert all(torch.equal(resumed[name], tensor) for name, tensor in expected.items())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from lightning.pytorch import Callback
 from rich.console import Console
 
@@ -41,6 +43,7 @@ class ZeroShotEval(Callback):
         self.data_dir = data_dir
 
     def on_fit_end(self, trainer, pruner) -> None:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task chatter; results are printed below
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
