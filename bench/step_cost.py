@@ -10,7 +10,6 @@ step adds the mask construction and the weight-gradient products the logits need
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -18,19 +17,8 @@ from besa_pl.activations import capture_block_inputs
 from besa_pl.allocation import candidate_rates
 from besa_pl.block import BESABlock
 from besa_pl.importance import InputStatistics, importance_scores, row_ranks
+from besa_pl.latency import seconds_per_call
 from besa_pl.models import decoder_blocks, load_model, prunable_linears
-
-
-def timed(fn, repeats: int, device: str) -> float:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(2):
-        fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:
@@ -56,7 +44,7 @@ def main() -> None:
         out = out[0] if isinstance(out, tuple) else out
         out.float().pow(2).mean().backward()
 
-    floor = timed(floor_step, args.repeats, args.device)
+    floor = seconds_per_call(floor_step, args.repeats, args.device, warmup=2)
 
     linears = prunable_linears(block)
     stats = {name: InputStatistics(linear) for name, linear in linears.items()}
@@ -75,7 +63,7 @@ def main() -> None:
         loss.backward()
         optimizer.step()
 
-    step = timed(besa_step, args.repeats, args.device)
+    step = seconds_per_call(besa_step, args.repeats, args.device, warmup=2)
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     trainable = sum(p.numel() for p in besa.parameters() if p.requires_grad)
     print(f"device: {name}; demo block {args.block}, {args.seqlen} tokens, {args.dtype}")

@@ -10,8 +10,11 @@ from torch import nn
 from .models import decoder_blocks, prunable_linears
 
 
-def _time(fn, repeats: int, sync) -> float:
-    fn()  # warm-up
+def seconds_per_call(fn, repeats: int, device: torch.device | str, warmup: int = 1) -> float:
+    """Mean wall time of fn() after warm-up, synchronising the GPU around the timed loop."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
     sync()
     start = time.perf_counter()
     for _ in range(repeats):
@@ -20,16 +23,12 @@ def _time(fn, repeats: int, sync) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def _sync(device: torch.device):
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
 @torch.no_grad()
 def forward_latency(model: nn.Module, seqlen: int = 128, repeats: int = 5) -> float:
     """Seconds for one batch-1 forward pass of `seqlen` tokens with the model's own (dense) kernels."""
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, seqlen), device=device)
-    return _time(lambda: model(ids, use_cache=False), repeats, _sync(device))
+    return seconds_per_call(lambda: model(ids, use_cache=False), repeats, device)
 
 
 def semi_structured_skip_reason(model: nn.Module) -> str | None:
@@ -60,8 +59,8 @@ def semi_structured_latency(model: nn.Module, tokens: int = 2048, repeats: int =
             continue
         x = torch.randn(tokens, weight.shape[1], device="cuda", dtype=torch.float16)
         sparse = to_sparse_semi_structured(weight)
-        dense_s = _time(lambda: torch.nn.functional.linear(x, weight), repeats, torch.cuda.synchronize)
-        sparse_s = _time(lambda: torch.nn.functional.linear(x, sparse), repeats, torch.cuda.synchronize)
+        dense_s = seconds_per_call(lambda: torch.nn.functional.linear(x, weight), repeats, "cuda")
+        sparse_s = seconds_per_call(lambda: torch.nn.functional.linear(x, sparse), repeats, "cuda")
         results[name.split(".")[-1]] = {"dense_ms": dense_s * 1e3, "sparse_ms": sparse_s * 1e3,
                                         "speedup": dense_s / sparse_s}
     return results
