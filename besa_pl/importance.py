@@ -62,7 +62,7 @@ def damped_inverse_cholesky(hessian: Tensor, percdamp: float, log=None) -> Tenso
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
-    damp = percdamp * torch.mean(torch.diag(h))
+    damp = percdamp * torch.mean(torch.diag(h).abs()).clamp_min(1e-8)
     for attempt in range(6):
         chol, info = torch.linalg.cholesky_ex(h + damp * eye)
         if int(info) == 0:
