@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -53,12 +54,19 @@ class BesaCLI(LightningCLI):
 
     def before_fit(self) -> None:
         config = self.config[self.subcommand]
-        root = self.trainer.default_root_dir
-        if is_finished_run(root) and not config.get("ckpt_path") and not config.get("overwrite"):
+        root = Path(self.trainer.default_root_dir)
+        if config.get("ckpt_path"):
+            return
+        checkpoints = root / "checkpoints"
+        unfinished = checkpoints.is_dir() and any(checkpoints.glob("*.ckpt"))
+        if (is_finished_run(root) or unfinished) and not config.get("overwrite"):
+            what = "a finished run" if is_finished_run(root) else "an unfinished run (resume it with --ckpt_path last)"
             raise BesaError(
-                f"trainer.default_root_dir={root} already holds a finished run; "
+                f"trainer.default_root_dir={root} already holds {what}; "
                 "pass --overwrite true or choose another --trainer.default_root_dir"
             )
+        if unfinished:
+            shutil.rmtree(checkpoints)  # --overwrite: a fresh start must not find the old run's checkpoints
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ from .checkpoint import AtomicCheckpointIO
 def required_callbacks(root: str | Path) -> list[Callback]:
     """Checkpoint after every block, and on Ctrl-C / SIGTERM, under ROOT/checkpoints."""
     checkpoints = Path(root) / "checkpoints"
-    return [BlockCheckpoint(dirpath=str(checkpoints)), SaveOnInterrupt(dirpath=str(checkpoints), filename="interrupted")]
+    return [BlockCheckpoint(dirpath=str(checkpoints)), SaveOnInterrupt(dirpath=str(checkpoints))]
 
 
 def make_trainer(root: str | Path, callbacks: list[Callback] = (), **trainer_kwargs) -> L.Trainer:

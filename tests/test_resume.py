@@ -131,7 +131,7 @@ def test_truncated_checkpoint_gives_a_clear_error(tiny_model_dir, calibration_te
     args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path)
     with pytest.raises(SystemExit):
         run_cli(["fit", "--config", interrupt_config(tmp_path, 0), *args[1:]])
-    path = tmp_path / "checkpoints" / "interrupted.ckpt"
+    path = tmp_path / "checkpoints" / "last-interrupted.ckpt"
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(SystemExit):
         run_cli(args + ["--ckpt_path", str(path)])
@@ -166,7 +166,7 @@ def test_sigterm_saves_where_the_run_stands(reference, tiny_model_dir, calibrati
     with pytest.raises(SystemExit) as stop:
         run_cli(["fit", "--config", signal_config(tmp_path, "SIGTERM"), *args[1:]])
     assert stop.value.code == 143
-    state = torch.load(tmp_path / "checkpoints" / "interrupted.ckpt", weights_only=False)["besa"]
+    state = torch.load(tmp_path / "checkpoints" / "last-interrupted.ckpt", weights_only=False)["besa"]
     assert state["block_index"] == 1 and state["block_state"] is not None
     capsys.readouterr()
     run_cli(args + ["--ckpt_path", "last"])
@@ -203,3 +203,16 @@ def test_resume_inside_a_block_with_joint_quantization(tiny_model_dir, calibrati
     run_cli(args + ["--ckpt_path", "last"])
     expected, resumed = pruned_weights(straight), pruned_weights(tmp_path / "resumed")
     assert all(torch.equal(resumed[name], tensor) for name, tensor in expected.items())
+
+
+def test_a_fresh_fit_never_resumes_silently(tiny_model_dir, calibration_text, tmp_path, capsys):
+    args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path)
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "--config", interrupt_config(tmp_path, 0), *args[1:]])
+    with pytest.raises(SystemExit) as stop:
+        run_cli(args)
+    assert stop.value.code == 2
+    assert "holds an unfinished run (resume it with --ckpt_path last)" in " ".join(capsys.readouterr().err.split())
+    run_cli(args + ["--overwrite", "true"])
+    assert "resuming" not in " ".join(capsys.readouterr().err.split())
+    assert (tmp_path / "sparsity.json").exists()

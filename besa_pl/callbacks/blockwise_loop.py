@@ -7,11 +7,11 @@ inputs, and the next block gets a fresh optimizer.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
@@ -109,13 +109,18 @@ def export_sizes(model, packed_folder) -> dict[str, int]:
     return {"fp16": fp16, "pruned_fp16": fp16, "packed": folder_bytes(packed_folder)}
 
 
-class SaveOnInterrupt(OnExceptionCheckpoint):
+class SaveOnInterrupt(Callback):
     """Save where the run stands on Ctrl-C or SIGTERM, never on other errors.
 
-    A failed resume or a bad setting must not overwrite the last good checkpoint.
+    A failed resume or a bad setting must not overwrite the last good checkpoint. The file name
+    contains "last", so `--ckpt_path last` picks it when it is newer than `last.ckpt`. (Not
+    Lightning's OnExceptionCheckpoint: its presence makes every plain fit resume silently.)
     """
+
+    def __init__(self, dirpath: str, filename: str = "last-interrupted") -> None:
+        self.ckpt_path = os.path.join(dirpath, filename + ".ckpt")
 
     def on_exception(self, trainer, pruner, exception: BaseException) -> None:
         if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and pruner.cache is not None:
-            super().on_exception(trainer, pruner, exception)
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
             console.print(f"interrupted: checkpoint saved to {self.ckpt_path}; resume with --ckpt_path last")
