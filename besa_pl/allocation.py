@@ -75,6 +75,17 @@ def rank_space_keep_prob(beta: Tensor, thresholds: Tensor, columns: int) -> Tens
     return 1.0 - at_least[:, 1:]
 
 
+def rank_space_keep_prob_reversed(beta: Tensor, thresholds: Tensor, columns: int) -> Tensor:
+    """The same u, in reversed rank order (column m holds rank C-1-m), with no flip.
+
+    Binning beta at C - c_d and taking a plain cumulative sum gives, at m, the sum of beta_d
+    with c_d >= C - m, i.e. with c_d > j for j = C-1-m: the flips of the literal form vanish.
+    """
+    bins = beta.new_zeros(beta.shape[0], columns + 1)
+    bins.index_add_(1, columns - thresholds, beta)
+    return 1.0 - bins.cumsum(dim=1)[:, :columns]
+
+
 def gather_by_rank(u: Tensor, ranks: Tensor) -> Tensor:
     """P[r, c] = u[group(r), rank[r, c]], with int32 ranks (no int64 copy of the rank matrix)."""
     rows, columns = ranks.shape
@@ -87,6 +98,30 @@ def gather_by_rank(u: Tensor, ranks: Tensor) -> Tensor:
 def straight_through(hard: Tensor, soft: Tensor) -> Tensor:
     """Forward value exactly `hard`; gradient flows to `soft` as if the mask were soft."""
     return hard.float() + (soft - soft.detach())
+
+
+class _StraightThroughMask(torch.autograd.Function):
+    """Forward: the hard mask. Backward: the soft mask's gradient, taken in rank space.
+
+    Same gradient as straight_through(hard, gather_by_rank(u, ranks)), without materialising P:
+    P - sg(P) is zero in the forward pass, and d/du of the gather is a permutation, so the
+    gradient is the incoming one read in rank order (a gather by the inverse permutation),
+    summed over the rows that share u. No scatter-add, which is slow on CPUs.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, hard: Tensor, order_flat: Tensor) -> Tensor:
+        ctx.save_for_backward(order_flat)
+        ctx.groups = u.shape[0]
+        return hard.float()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (order_flat,) = ctx.saved_tensors
+        in_rank_order = grad.reshape(-1)[order_flat]
+        if ctx.groups == 1:
+            in_rank_order = in_rank_order.sum(dim=0, keepdim=True)
+        return in_rank_order, None, None
 
 
 class SparsityAllocation(nn.Module):
@@ -111,7 +146,13 @@ class SparsityAllocation(nn.Module):
         self.smoothing = smoothing
         self.columns = columns
         groups = rows if granularity == "row" else 1
-        self.register_buffer("ranks", ranks.to(torch.int32), persistent=False)
+        ranks = ranks.to(torch.int32)
+        self.register_buffer("ranks", ranks, persistent=False)
+        # Flat index of the column holding rank C-1-m at position m of row r (int32, like the
+        # ranks): reads a gradient in the reversed rank order of rank_space_keep_prob_reversed.
+        order = torch.argsort(ranks, dim=1).flip(1).to(torch.int32)
+        offsets = torch.arange(rows, dtype=torch.int32, device=ranks.device).view(-1, 1) * columns
+        self.register_buffer("order_flat", order + offsets, persistent=False)
         self.register_buffer("rates", rates.float(), persistent=False)
         self.register_buffer("thresholds", torch.floor(rates.double() * columns).long(), persistent=False)
         self.logits = nn.Parameter(torch.zeros(groups, rates.numel()))
@@ -143,7 +184,11 @@ class SparsityAllocation(nn.Module):
 
     def mask(self) -> Tensor:
         """Straight-through mask: forward value is the hard mask, gradient via the soft one."""
-        return straight_through(self.hard_mask(), self.soft_mask())
+        beta = self.beta()
+        with torch.no_grad():
+            keep = hard_keep_mask(self.ranks, prune_counts(beta @ self.rates, self.columns).expand(self.ranks.shape[0]))
+        u = rank_space_keep_prob_reversed(beta, self.thresholds, self.columns)
+        return _StraightThroughMask.apply(u, keep, self.order_flat)
 
     def forward(self, weight: Tensor) -> Tensor:
         with torch.autocast(weight.device.type, enabled=False):

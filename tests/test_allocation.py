@@ -125,3 +125,15 @@ def test_exact_target_counts_hit_the_target_and_keep_the_allocation_order():
     assert sum(int(k.sum()) for k in counts) == round(0.35 * (64 * 64 + 32 * 128))
     order = torch.argsort(alphas[1])
     assert torch.all(counts[1][order].diff() >= -1)  # a higher learned rate never prunes clearly less
+
+
+@pytest.mark.parametrize("granularity", ["row", "layer"])
+def test_fast_straight_through_gradient_equals_the_reference_construction(granularity):
+    allocation = random_allocation(rows=9, cols=31, granularity=granularity, seed=4)
+    G = torch.randn(9, 31, generator=torch.Generator().manual_seed(7))
+    (G * allocation.mask()).sum().backward()
+    fast = allocation.logits.grad.clone()
+    allocation.logits.grad = None
+    reference = straight_through(allocation.hard_mask(), allocation.soft_mask())
+    (G * reference).sum().backward()
+    assert torch.allclose(fast, allocation.logits.grad, atol=1e-6)
