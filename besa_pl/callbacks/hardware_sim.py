@@ -25,6 +25,7 @@ def simulate(model, acc: Accelerator) -> dict:
     """Per projection type, averaged over blocks: sparsity, dense and sparse cycles, speed-up."""
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     counts: dict[str, int] = defaultdict(int)
+    zeros = weights = 0
     for block in decoder_blocks(model):
         for name, linear in prunable_linears(block).items():
             kind = projection_type(name)
@@ -33,6 +34,8 @@ def simulate(model, acc: Accelerator) -> dict:
             sums[kind]["dense_cycles"] += dense_cycles(*mask.shape, acc)
             sums[kind]["sparse_cycles"] += matrix_cycles(mask, acc).cycles
             counts[kind] += 1
+            zeros += int((~mask).sum())
+            weights += mask.numel()
     table = {}
     for kind, values in sums.items():
         row = {key: value / counts[kind] for key, value in values.items()}
@@ -41,7 +44,7 @@ def simulate(model, acc: Accelerator) -> dict:
     total_dense = sum(row["dense_cycles"] for row in table.values())
     total_sparse = sum(row["sparse_cycles"] for row in table.values())
     table["block"] = {
-        "sparsity": sum(row["sparsity"] for row in table.values()) / max(len(table), 1),
+        "sparsity": zeros / weights if weights else 0.0,
         "dense_cycles": total_dense, "sparse_cycles": total_sparse,
         "speedup": total_dense / total_sparse if total_sparse else float("inf"),
     }
