@@ -97,6 +97,9 @@ class HardwareSimulation(Callback):
         if reason is None:
             measured["semi_structured"] = semi_structured_latency(model)
             for kind, row in measured["semi_structured"].items():
+                if "skipped" in row:
+                    console.print(f"2:4 kernel {kind}: skipped ({row['skipped']})")
+                    continue
                 console.print(f"2:4 kernel {kind}: dense {row['dense_ms']:.3f} ms, sparse {row['sparse_ms']:.3f} ms, "
                               f"{row['speedup']:.2f}x")
         else:
