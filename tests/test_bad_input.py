@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from .conftest import DATA_DIR, fit_args, run_cli
+from .conftest import fit_args, run_cli
 
 
 def run_failing(args, capsys) -> str:

@@ -7,7 +7,6 @@ import torch
 from lightning.pytorch import Callback
 from safetensors.torch import load_file
 
-from besa_pl.errors import BesaError
 
 from .conftest import REPO, fit_args, run_cli
 
