@@ -184,11 +184,8 @@ class SparsityAllocation(nn.Module):
 
     def mask(self) -> Tensor:
         """Straight-through mask: forward value is the hard mask, gradient via the soft one."""
-        beta = self.beta()
-        with torch.no_grad():
-            keep = hard_keep_mask(self.ranks, prune_counts(beta @ self.rates, self.columns).expand(self.ranks.shape[0]))
-        u = rank_space_keep_prob_reversed(beta, self.thresholds, self.columns)
-        return _StraightThroughMask.apply(u, keep, self.order_flat)
+        u = rank_space_keep_prob_reversed(self.beta(), self.thresholds, self.columns)
+        return _StraightThroughMask.apply(u, self.hard_mask(), self.order_flat)
 
     def forward(self, weight: Tensor) -> Tensor:
         with torch.autocast(weight.device.type, enabled=False):

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from .allocation import SparsityAllocation, exact_target_counts, prune_counts
 from .loss import reconstruction_loss, sparsity_penalty
 from .models import call_block, prunable_linears
-from .quant import LearnableClipQuantizer, QuantConfig, apply_params
+from .quant import LearnableClipQuantizer, QuantConfig, burn_in
 
 
 class BESABlock(L.LightningModule):
@@ -48,7 +48,8 @@ class BESABlock(L.LightningModule):
         self.optimizer_name = optimizer
         self.lr = lr
         self.d_coef = d_coef
-        self.quant = quant if quant is not None and quant.enabled else None
+        self.quant_config = quant if quant is not None else QuantConfig()
+        self.quant = self.quant_config if self.quant_config.enabled else None
         self.exact_sparsity = exact_sparsity
         self.linears = prunable_linears(block)
         total = sum(linear.weight.numel() for linear in self.linears.values())
@@ -143,7 +144,5 @@ class BESABlock(L.LightningModule):
             if self.quant is not None:
                 qparams[name] = self.quantizer(name).params(linear.parametrizations.weight.original)
             parametrize.remove_parametrizations(linear, "weight", leave_parametrized=False)
-            if self.quant is not None:
-                linear.weight.copy_(apply_params(linear.weight, self.quant.bits, self.quant.group_size, *qparams[name]))
-            linear.weight.mul_(masks[name].to(linear.weight.dtype))
+            burn_in(linear.weight, masks[name], self.quant_config, *qparams.get(name, (None, None)))
         return masks, qparams

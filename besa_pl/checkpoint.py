@@ -20,7 +20,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from .activations import run_block
 from .errors import BesaError
 from .models import prunable_linears
-from .quant import apply_params
+from .quant import burn_in
 
 FORMAT_VERSION = 1
 
@@ -125,11 +125,8 @@ def load_state(pruner, checkpoint: dict[str, Any]) -> ResumeState:
                 run_block(block, cache.dense_inputs, kwargs, pruner.device, out=cache.dense_inputs)
             linears = prunable_linears(block)
             for name, packed in state["masks"][index].items():
-                weight = linears[name].weight
-                if index in state["quant_params"]:
-                    scale, zero = (t.to(weight.device) for t in state["quant_params"][index][name])
-                    weight.copy_(apply_params(weight, pruner.quant.bits, pruner.quant.group_size, scale, zero))
-                weight.mul_(unpack_mask(packed).to(weight.device, weight.dtype))
+                scale, zero = state["quant_params"].get(index, {}).get(name, (None, None))
+                burn_in(linears[name].weight, unpack_mask(packed), pruner.quant, scale, zero)
             run_block(block, cache.inputs, kwargs, pruner.device, out=cache.inputs)
             block.to("cpu")
     pruner.masks = {i: {name: unpack_mask(p) for name, p in masks.items()} for i, masks in state["masks"].items()}

@@ -14,13 +14,11 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
-from .callbacks import BlockwiseLoop
-from .checkpoint import AtomicCheckpointIO
 from .data import CalibrationDataModule
 from .errors import BesaError
 from .export import is_finished_run
 from .pruner import BESAPruner
-from .runtime import required_callbacks
+from .runtime import complete_callbacks, complete_plugins
 
 console = Console(stderr=True)
 
@@ -40,16 +38,12 @@ class BesaCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         root = Path(config["trainer"].get("default_root_dir") or os.getcwd())
-        callbacks = list(config["trainer"].get("callbacks") or [])
-        if not any(isinstance(c, BlockwiseLoop) for c in callbacks):
-            callbacks.insert(0, BlockwiseLoop())
+        callbacks = complete_callbacks(config["trainer"].get("callbacks"), root)
         progress = config["trainer"].get("enable_progress_bar") is not False
         if progress and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(RichProgressBar(leave=False))
-        config["trainer"]["callbacks"] = callbacks + required_callbacks(root)
-        plugins = list(config["trainer"].get("plugins") or [])
-        plugins.append(AtomicCheckpointIO())
-        config["trainer"]["plugins"] = plugins
+        config["trainer"]["callbacks"] = callbacks
+        config["trainer"]["plugins"] = complete_plugins(config["trainer"].get("plugins"))
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:

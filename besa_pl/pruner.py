@@ -16,7 +16,7 @@ from .checkpoint import ResumeState, block_fingerprint_settings, dump_state, loa
 from .errors import BesaError
 from .importance import InputStatistics, importance_scores, row_ranks
 from .models import decoder_blocks, load_model, prunable_linears
-from .quant import SUPPORTED_BITS, QuantConfig, apply_params, quant_params
+from .quant import SUPPORTED_BITS, QuantConfig, burn_in, rtn_params
 
 log = logging.getLogger("besa_pl")
 
@@ -240,10 +240,8 @@ class BESAPruner(L.LightningModule):
     @torch.no_grad()
     def _round_to_nearest(self, linear, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Joint baseline: plain min-max RTN of the pruned weight, the mask applied after."""
-        one = torch.ones((), device=linear.weight.device)
-        scale, zero = quant_params(linear.weight, self.quant.bits, self.quant.group_size, one, one)
-        linear.weight.copy_(apply_params(linear.weight, self.quant.bits, self.quant.group_size, scale, zero))
-        linear.weight.mul_(keep.to(linear.weight.device, linear.weight.dtype))
+        scale, zero = rtn_params(linear.weight, self.quant.bits, self.quant.group_size)
+        burn_in(linear.weight, keep, self.quant, scale, zero)
         return scale.cpu(), zero.cpu()
 
     def finish_block(self) -> dict[str, Any]:

@@ -79,10 +79,16 @@ def fake_quantize(weight: Tensor, bits: int, group_size: int | None, gamma: Tens
     return dequantize(quantize_codes(weight, bits, group_size, scale, zero), scale, zero, weight.shape)
 
 
+def rtn_params(weight: Tensor, bits: int, group_size: int | None) -> tuple[Tensor, Tensor]:
+    """(scale, zero-point) of plain min-max round-to-nearest (no clipping)."""
+    one = torch.ones((), device=weight.device)
+    return quant_params(weight, bits, group_size, one, one)
+
+
 def rtn(weight: Tensor, bits: int, group_size: int | None) -> Tensor:
     """Plain min-max round-to-nearest (no clipping)."""
-    one = torch.ones((), device=weight.device)
-    return fake_quantize(weight, bits, group_size, one, one).to(weight.dtype)
+    scale, zero = rtn_params(weight, bits, group_size)
+    return dequantize(quantize_codes(weight, bits, group_size, scale, zero), scale, zero, weight.shape).to(weight.dtype)
 
 
 class LearnableClipQuantizer(nn.Module):
@@ -120,6 +126,16 @@ class LearnableClipQuantizer(nn.Module):
 
 
 def apply_params(weight: Tensor, bits: int, group_size: int | None, scale: Tensor, zero: Tensor) -> Tensor:
-    """Quantize-dequantize with fixed (scale, zero-point): used for burn-in, replay and export."""
+    """Quantize-dequantize with fixed (scale, zero-point)."""
     codes = quantize_codes(weight, bits, group_size, scale, zero)
     return dequantize(codes, scale, zero, weight.shape).to(weight.dtype)
+
+
+@torch.no_grad()
+def burn_in(weight: Tensor, keep: Tensor, config: QuantConfig, scale: Tensor | None = None, zero: Tensor | None = None) -> None:
+    """In place: W <- Q(W) * keep (Q skipped without quantization). The one rule for finishing a
+    block, for the joint baselines and for replaying finished blocks on resume."""
+    if config.enabled:
+        scale, zero = scale.to(weight.device), zero.to(weight.device)
+        weight.copy_(apply_params(weight, config.bits, config.group_size, scale, zero))
+    weight.mul_(keep.to(weight.device, weight.dtype))
