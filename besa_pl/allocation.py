@@ -28,28 +28,30 @@ def candidate_rates(target: float, num: int = 101, grid: str = "centered") -> Te
     return torch.linspace(lo, hi, num, dtype=torch.float64).float()
 
 
-def smoothing_band(rates: Tensor) -> tuple[float, float]:
+def smoothing_band(rates: Tensor, scale: float = 1.0) -> tuple[float, float]:
     """The [min, max] expected rate that sigmoid smoothing allows on this grid.
 
-    Softmax inputs lie in (0, 1), so a candidate's weight is at most e times another's; the
-    extreme rate puts weight e on every candidate on one side of the rate itself (a fixed point).
+    Softmax inputs lie in (0, scale), so a candidate's weight is at most e^scale times another's;
+    the extreme rate puts that weight on every candidate on one side of the rate itself (a fixed
+    point).
     """
     p = rates.double()
+    ratio = math.exp(scale)
 
     def extreme(sign: float) -> float:
         alpha = float(p.mean())
         for _ in range(100):
-            w = torch.where(sign * (p - alpha) > 0, math.e, 1.0)
+            w = torch.where(sign * (p - alpha) > 0, ratio, 1.0)
             alpha = float((w * p).sum() / w.sum())
         return alpha
 
     return extreme(-1.0), extreme(1.0)
 
 
-def mixture_weights(logits: Tensor, smoothing: bool) -> Tensor:
-    """beta = softmax(sigmoid(z)) with smoothing (the code's default), else softmax(z)."""
+def mixture_weights(logits: Tensor, smoothing: bool, scale: float = 1.0) -> Tensor:
+    """beta = softmax(scale * sigmoid(z)) with smoothing (the code's default: scale 1), else softmax(z)."""
     z = logits.float()
-    return torch.softmax(torch.sigmoid(z) if smoothing else z, dim=-1)
+    return torch.softmax(scale * torch.sigmoid(z) if smoothing else z, dim=-1)
 
 
 def prune_counts(alpha: Tensor, columns: int) -> Tensor:
@@ -137,6 +139,7 @@ class SparsityAllocation(nn.Module):
         rates: Tensor,
         granularity: str = "row",
         smoothing: bool = True,
+        smoothing_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if granularity not in ("row", "layer"):
@@ -144,6 +147,7 @@ class SparsityAllocation(nn.Module):
         rows, columns = ranks.shape
         self.granularity = granularity
         self.smoothing = smoothing
+        self.smoothing_scale = smoothing_scale
         self.columns = columns
         groups = rows if granularity == "row" else 1
         ranks = ranks.to(torch.int32)
@@ -158,7 +162,7 @@ class SparsityAllocation(nn.Module):
         self.logits = nn.Parameter(torch.zeros(groups, rates.numel()))
 
     def beta(self) -> Tensor:
-        return mixture_weights(self.logits, self.smoothing)
+        return mixture_weights(self.logits, self.smoothing, self.smoothing_scale)
 
     def alpha(self) -> Tensor:
         """Expected pruning rate of each group (fp32)."""

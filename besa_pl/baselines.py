@@ -11,7 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .importance import InputStatistics, damped_inverse_cholesky, magnitude_scores, wanda_scores
+from .importance import InputStatistics, magnitude_scores, wanda_scores
+from .obs import QuantGrid, SaliencySelect, obs_sweep
 
 
 def parse_structure(structure: str | None) -> tuple[int, int] | None:
@@ -52,52 +53,12 @@ def sparsegpt_prune(
     hessian: Tensor,
     sparsity: float,
     structure: tuple[int, int] | None = None,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    grid: QuantGrid | None = None,
     log: Callable[[str], None] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """SparseGPT: choose the mask column block by column block and update the kept weights (OBS).
-
-    Returns (new weight in fp32, keep mask).
-    """
-    w = weight.float().clone()
-    rows, columns = w.shape
-    dead = torch.diag(hessian) == 0
-    w[:, dead] = 0
-    hinv = damped_inverse_cholesky(hessian.float(), percdamp, log)
-    keep = torch.ones_like(w, dtype=torch.bool)
-    for start in range(0, columns, blocksize):
-        end = min(start + blocksize, columns)
-        w1 = w[:, start:end].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[start:end, start:end]
-        diag1 = torch.diag(hinv1)
-        pruned1 = torch.zeros_like(w1, dtype=torch.bool)
-        if structure is None:
-            saliency = w1.pow(2) / diag1.pow(2).view(1, -1)
-            cut = int(saliency.numel() * sparsity)
-            if cut > 0:
-                threshold = torch.sort(saliency.reshape(-1)).values[cut - 1]
-                pruned1 = saliency <= threshold
-        for i in range(end - start):
-            if structure is not None and i % structure[1] == 0:
-                n, m = structure
-                saliency = w1[:, i : i + m].pow(2) / diag1[i : i + m].pow(2).view(1, -1)
-                drop = torch.topk(saliency, m - n, dim=1, largest=False).indices
-                pruned1.scatter_(1, i + drop, True)
-            col = w1[:, i]
-            d = hinv1[i, i]
-            q = col.clone()
-            q[pruned1[:, i]] = 0
-            q1[:, i] = q
-            err = (col - q) / d
-            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = err
-        w[:, start:end] = q1
-        keep[:, start:end] = ~pruned1
-        w[:, end:] -= err1 @ hinv[start:end, end:]
-    return w, keep
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    """SparseGPT: choose the mask during the OBS sweep and update the kept weights (quantizing them
+    too, GPTQ-style, with a `grid`). Returns (new weight in fp32, keep mask, (scale, zero) or None)."""
+    return obs_sweep(weight, hessian, select=SaliencySelect(sparsity, structure), grid=grid, log=log)
 
 
 @torch.no_grad()
@@ -108,14 +69,16 @@ def prune_linear(
     sparsity: float,
     granularity: str = "row",
     structure: tuple[int, int] | None = None,
+    grid: QuantGrid | None = None,
     log: Callable[[str], None] | None = None,
-) -> Tensor:
-    """Prune one linear in place with a one-shot method and return its keep mask."""
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """Prune one linear in place with a one-shot method; returns its keep mask and, when SparseGPT
+    quantized inside its sweep (`grid`), the (scale, zero) per group."""
     weight = linear.weight
     if method == "sparsegpt":
-        new_weight, keep = sparsegpt_prune(weight, stats.hessian, sparsity, structure, log=log)
+        new_weight, keep, qparams = sparsegpt_prune(weight, stats.hessian, sparsity, structure, grid, log=log)
         weight.copy_((new_weight * keep).to(weight.dtype))
-        return keep
+        return keep, (qparams[0].cpu(), qparams[1].cpu()) if qparams is not None else None
     if method == "magnitude":
         scores = magnitude_scores(weight)
     elif method == "wanda":
@@ -124,7 +87,7 @@ def prune_linear(
         raise ValueError(f"unknown one-shot method {method!r}")
     keep = keep_mask_from_scores(scores, sparsity, granularity, structure)
     weight.mul_(keep.to(weight.dtype))
-    return keep
+    return keep, None
 
 
 def check_structure(structure: tuple[int, int] | None, columns: int, name: str) -> None:

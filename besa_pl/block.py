@@ -38,6 +38,7 @@ class BESABlock(L.LightningModule):
         d_coef: float = 5.0,
         quant: QuantConfig | None = None,
         exact_sparsity: bool = True,
+        smoothing_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.block = block
@@ -60,7 +61,7 @@ class BESABlock(L.LightningModule):
                 quantizer = LearnableClipQuantizer(linear.weight.shape, self.quant.bits, self.quant.group_size,
                                                    self.quant.clip_init, self.quant.learn_clipping)
                 parametrize.register_parametrization(linear, "weight", quantizer.to(device))
-            allocation = SparsityAllocation(ranks[name].to(device), rates, granularity, smoothing)
+            allocation = SparsityAllocation(ranks[name].to(device), rates, granularity, smoothing, smoothing_scale)
             parametrize.register_parametrization(linear, "weight", allocation.to(device))
         self.last_metrics: dict[str, float] = {}
 
@@ -128,6 +129,13 @@ class BESABlock(L.LightningModule):
         if not self.exact_sparsity:
             return {name: prune_counts(a, c) for (name, a), c in zip(alphas.items(), columns)}
         return dict(zip(alphas, exact_target_counts(list(alphas.values()), columns, self.target)))
+
+    @torch.no_grad()
+    def clipping_strengths(self) -> dict[str, tuple[Tensor, Tensor]] | None:
+        """(gamma, delta) per linear with learned clipping, for the reconstruction's GPTQ grid."""
+        if self.quant is None or not self.quant.learn_clipping:
+            return None
+        return {name: tuple(t.detach().cpu() for t in self.quantizer(name).gamma_delta()) for name in self.linears}
 
     @torch.no_grad()
     def learned_rates(self) -> dict[str, Tensor]:

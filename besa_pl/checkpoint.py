@@ -17,10 +17,7 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .activations import run_block
 from .errors import BesaError
-from .models import prunable_linears
-from .quant import burn_in
 
 FORMAT_VERSION = 1
 
@@ -51,7 +48,7 @@ def block_fingerprint_settings(hparams: dict[str, Any], datamodule) -> dict[str,
             settings.update({f"model.{key}.{k}": v for k, v in dataclasses.asdict(value).items()})
         else:
             settings[f"model.{key}"] = value
-    for key in ("dataset", "nsamples", "seqlen", "seed"):
+    for key in ("dataset", "nsamples", "seqlen", "seed", "batch_size"):
         settings[f"data.{key}"] = getattr(datamodule, key)
     return settings
 
@@ -77,6 +74,7 @@ def dump_state(pruner) -> dict[str, Any]:
         "block_logs": pruner.block_logs,
         "block_state": pruner.current.trainable_state() if pruner.current is not None else None,
         "quant_params": pruner.quant_params,
+        "clipping": pruner.clipping,
         "settings": pruner.result_settings(),
         "model_fingerprint": pruner.fingerprint(),
         "calibration_fingerprint": pruner.calibration_fingerprint,
@@ -110,28 +108,19 @@ def load_state(pruner, checkpoint: dict[str, Any]) -> ResumeState:
         raise BesaError("ckpt_path: not a besa-pl checkpoint (no 'besa' section of this format); give a checkpoint that besa-pl wrote")
     _check_compatible(pruner, state)
     finished = state["block_index"]
-    cache = pruner.cache
-    if pruner.hparams.method == "sparsegpt":
-        # SparseGPT also updates the kept weights: redo the finished blocks (deterministic).
-        for index in range(finished):
-            pruner.block_index = index
+    masks = {i: {name: unpack_mask(p) for name, p in block.items()} for i, block in state["masks"].items()}
+    for index in range(finished):
+        pruner.block_index = index
+        if pruner.hparams.method == "sparsegpt":
+            # SparseGPT also updates the kept weights while it chooses the mask: redo it (deterministic).
             pruner.prepare_block()
             pruner.finish_block()
-    else:
-        for index in range(finished):
-            block = pruner.blocks[index].to(pruner.device)
-            kwargs = cache.block_kwargs[index]
-            if cache.dense_inputs is not None:
-                run_block(block, cache.dense_inputs, kwargs, pruner.device, out=cache.dense_inputs)
-            linears = prunable_linears(block)
-            for name, packed in state["masks"][index].items():
-                scale, zero = state["quant_params"].get(index, {}).get(name, (None, None))
-                burn_in(linears[name].weight, unpack_mask(packed), pruner.quant, scale, zero)
-            run_block(block, cache.inputs, kwargs, pruner.device, out=cache.inputs)
-            block.to("cpu")
-    pruner.masks = {i: {name: unpack_mask(p) for name, p in masks.items()} for i, masks in state["masks"].items()}
+        else:
+            pruner.replay_block(masks[index], state["quant_params"].get(index), state["clipping"].get(index))
+    pruner.masks = masks
     pruner.learned = state["learned"]
     pruner.quant_params = state["quant_params"]
+    pruner.clipping = state["clipping"]
     pruner.block_logs = list(state["block_logs"])
     pruner.block_index = finished
     pruner.prepared = False

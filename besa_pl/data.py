@@ -98,8 +98,10 @@ def documents(name: str, split: str, data_dir: str | None, setting: str = "data.
     raise BesaError(f"{setting}={name}: unknown dataset; use c4, wikitext2, ptb or a path to a .txt/.jsonl file")
 
 
-def sample_documents(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """The SparseGPT/Wanda recipe: random documents longer than seqlen, one random window each."""
+def sample_documents(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: int,
+                     used: set[int] | None = None) -> torch.Tensor:
+    """The SparseGPT/Wanda recipe: random documents longer than seqlen, one random window each.
+    The indices of the documents drawn are added to `used`."""
     rng = random.Random(seed)
     windows = []
     attempts = 0
@@ -115,6 +117,8 @@ def sample_documents(docs: list[str], tokenizer, nsamples: int, seqlen: int, see
             continue
         start = rng.randint(0, ids.numel() - seqlen - 1)
         windows.append(ids[start : start + seqlen])
+        if used is not None:
+            used.add(index)
     return torch.stack(windows)
 
 
@@ -128,12 +132,13 @@ def sample_stream(text: str, tokenizer, nsamples: int, seqlen: int, seed: int, s
     return torch.stack([ids[s : s + seqlen] for s in starts])
 
 
-def calibration_tokens(dataset: str, tokenizer, nsamples: int, seqlen: int, seed: int, data_dir: str | None):
-    """(N x T token tensor, description of the source)."""
+def calibration_tokens(dataset: str, tokenizer, nsamples: int, seqlen: int, seed: int, data_dir: str | None,
+                       used: set[int] | None = None):
+    """(N x T token tensor, description of the source); C4 documents drawn are added to `used`."""
     if dataset in CALIBRATION_DATASETS:
         docs, source = documents(dataset, "train", data_dir)
         if dataset == "c4":
-            return sample_documents(docs, tokenizer, nsamples, seqlen, seed), source
+            return sample_documents(docs, tokenizer, nsamples, seqlen, seed, used), source
         return sample_stream("\n\n".join(docs), tokenizer, nsamples, seqlen, seed, "data.dataset"), source
     path = Path(dataset).expanduser()
     if not path.is_file():
@@ -154,9 +159,10 @@ class ResumableSampler(Sampler[int]):
     optimizer sees exactly the steps an uninterrupted run would.
     """
 
-    def __init__(self, size: int, datamodule: "CalibrationDataModule") -> None:
+    def __init__(self, size: int, datamodule: "CalibrationDataModule", batch_size: int = 1) -> None:
         self.size = size
         self.datamodule = datamodule
+        self.batch_size = batch_size
 
     def __len__(self) -> int:
         return self.size
@@ -165,7 +171,7 @@ class ResumableSampler(Sampler[int]):
         trainer = self.datamodule.trainer
         start = 0
         if trainer is not None and trainer.fit_loop.restarting:
-            start = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            start = trainer.fit_loop.epoch_loop.batch_progress.current.completed * self.batch_size
         return iter(range(start, self.size))
 
 
@@ -180,7 +186,14 @@ class ResumableLoader(DataLoader):
 
 
 class CalibrationDataModule(L.LightningDataModule):
-    """Draws the calibration windows; the training 'batches' are sample indices into them."""
+    """Draws the calibration windows; the training 'batches' are sample indices into them.
+
+    Args:
+        dataset: c4 | wikitext2 | ptb | a .txt / .jsonl file.
+        nsamples, seqlen, seed: the calibration windows (the SparseGPT/Wanda recipe).
+        data_dir: local data folder; None = the hub (or BESA_DATA_DIR).
+        batch_size: calibration samples per BESA optimizer step (1 in the paper).
+    """
 
     def __init__(
         self,
@@ -189,10 +202,13 @@ class CalibrationDataModule(L.LightningDataModule):
         seqlen: int = 2048,
         seed: int = 0,
         data_dir: str | None = None,
+        batch_size: int = 1,
     ) -> None:
         super().__init__()
         if nsamples < 1:
             raise BesaError(f"data.nsamples={nsamples}: must be at least 1")
+        if batch_size < 1:
+            raise BesaError(f"data.batch_size={batch_size}: must be at least 1 (calibration samples per BESA step)")
         if seqlen < 2:
             raise BesaError(f"data.seqlen={seqlen}: must be at least 2")
         self.dataset = dataset
@@ -200,7 +216,9 @@ class CalibrationDataModule(L.LightningDataModule):
         self.seqlen = seqlen
         self.seed = seed
         self.data_dir = data_dir
+        self.batch_size = batch_size
         self.tokens: torch.Tensor | None = None
+        self.used_documents: set[int] | None = None
         self.source = ""
 
     def setup(self, stage: str) -> None:
@@ -212,11 +230,27 @@ class CalibrationDataModule(L.LightningDataModule):
         limit = pruner.context_length()
         if limit is not None and self.seqlen > limit:
             raise BesaError(f"data.seqlen={self.seqlen} is longer than the model's context ({limit} tokens); lower data.seqlen")
+        self.used_documents = set()
         self.tokens, self.source = calibration_tokens(
-            self.dataset, pruner.tokenizer, self.nsamples, self.seqlen, self.seed, self.data_dir
+            self.dataset, pruner.tokenizer, self.nsamples, self.seqlen, self.seed, self.data_dir, self.used_documents
         )
+
+    def heldout_text(self, tokenizer) -> tuple[str, str]:
+        """The calibration source's documents that calibration did not draw, joined with a space (as
+        the C4 perplexity protocol joins documents): a validation split for choosing settings
+        without touching the test sets."""
+        if self.dataset != "c4":
+            raise BesaError(f"PerplexityEval.datasets: heldout needs data.dataset c4 (documents to hold out), not {self.dataset}")
+        if self.used_documents is None:
+            self.used_documents = set()
+            calibration_tokens(self.dataset, tokenizer, self.nsamples, self.seqlen, self.seed, self.data_dir,
+                               self.used_documents)
+        docs, source = documents("c4", "train", self.data_dir)
+        kept = [doc for index, doc in enumerate(docs) if index not in self.used_documents]
+        return " ".join(kept), f"{source} without the {len(self.used_documents)} calibration documents"
 
     def train_dataloader(self) -> DataLoader:
         return ResumableLoader(
-            list(range(self.nsamples)), batch_size=1, sampler=ResumableSampler(self.nsamples, self)
+            list(range(self.nsamples)), batch_size=self.batch_size,
+            sampler=ResumableSampler(self.nsamples, self, self.batch_size),
         )

@@ -16,7 +16,9 @@ from .checkpoint import ResumeState, block_fingerprint_settings, dump_state, loa
 from .errors import BesaError
 from .importance import InputStatistics, importance_scores, row_ranks
 from .models import decoder_blocks, load_model, prunable_linears
+from .obs import QuantGrid
 from .quant import SUPPORTED_BITS, QuantConfig, burn_in, rtn_params
+from .reconstruction import RECONSTRUCT, REFERENCES, reconstruct_block
 
 log = logging.getLogger("besa_pl")
 
@@ -53,6 +55,12 @@ class BESAPruner(L.LightningModule):
         quant: joint weight quantization (`--model.quant.bits 4 --model.quant.group_size 128`).
         exact_sparsity: shift a block's learned rates by one common amount so it ends exactly at the
             target; false = the official code's floor(C * alpha) (about 0.3% below the target).
+        smoothing_scale: s in softmax(s * sigmoid(z)); 1 = the official code, whose rates stay within
+            about +/-12% of the grid's centre; larger s lets them move further.
+        reconstruct: none (the paper: kept weights keep their dense values) | obs (re-solve the kept
+            weights after the masks are final, true-sequentially, with the OBS update).
+        reconstruct_reference: target (each linear matches its input-output in the forward that made
+            the block's target: corrects earlier sublayers' error too) | layer (SparseGPT's own update).
     """
 
     def __init__(
@@ -76,6 +84,9 @@ class BESAPruner(L.LightningModule):
         dtype: str = "float32",
         quant: QuantConfig = QuantConfig(),
         exact_sparsity: bool = True,
+        smoothing_scale: float = 1.0,
+        reconstruct: str = "none",
+        reconstruct_reference: str = "target",
     ) -> None:
         super().__init__()
         _choice("model.method", method, METHODS)
@@ -85,6 +96,10 @@ class BESAPruner(L.LightningModule):
         _choice("model.penalty_form", penalty_form, ("relative", "absolute"))
         _choice("model.target_mode", target_mode, ("pruned_input", "dense_trajectory"))
         _choice("model.optimizer", optimizer, ("prodigy", "adamw"))
+        _choice("model.reconstruct", reconstruct, RECONSTRUCT)
+        _choice("model.reconstruct_reference", reconstruct_reference, REFERENCES)
+        if not smoothing_scale > 0:
+            raise BesaError(f"model.smoothing_scale={smoothing_scale}: must be positive (1 = the official code)")
         if not 0.0 < sparsity < 1.0:
             raise BesaError(f"model.sparsity={sparsity}: must be strictly between 0 and 1 (e.g. 0.5)")
         if num_candidates < 2:
@@ -108,11 +123,12 @@ class BESAPruner(L.LightningModule):
         self.quant = quant
         self.rates = candidate_rates(sparsity, num_candidates, candidate_grid)
         if smoothing:
-            low, high = smoothing_band(self.rates)
+            low, high = smoothing_band(self.rates, smoothing_scale)
             if not low + 0.01 <= sparsity <= high - 0.01:
                 raise BesaError(
                     f"model.sparsity={sparsity} is outside [{low:.3f}, {high:.3f}], what sigmoid smoothing can reach on the "
-                    f"{candidate_grid} grid; use --model.candidate_grid centered or --model.smoothing false"
+                    f"{candidate_grid} grid; use --model.candidate_grid centered, a larger --model.smoothing_scale "
+                    "or --model.smoothing false"
                 )
         self.save_hyperparameters()
         self.strict_loading = False  # checkpoints never hold the base model's weights
@@ -126,6 +142,8 @@ class BESAPruner(L.LightningModule):
         self.masks: dict[int, dict[str, torch.Tensor]] = {}
         self.learned: dict[int, dict[str, dict[str, float]]] = {}
         self.quant_params: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.clipping: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]] | None] = {}
+        self.dense_weights: dict[str, torch.Tensor] | None = None
         self.block_logs: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {}
         self._resume: ResumeState | None = None
@@ -201,6 +219,10 @@ class BESAPruner(L.LightningModule):
             self.hparams.method == "besa" and self.hparams.importance == "sparsegpt"
         )
 
+    @property
+    def dense_trajectory(self) -> bool:
+        return self.hparams.target_mode == "dense_trajectory"
+
     def prepare_block(self) -> None:
         """Reference pass of the current block; then a BESABlock (BESA) or a one-shot prune."""
         hp = self.hparams
@@ -208,32 +230,41 @@ class BESAPruner(L.LightningModule):
         block = self.blocks[index].to(self.device)
         kwargs = self.cache.block_kwargs[index]
         linears = prunable_linears(block)
+        # W0, for the reconstruction after the masks are final.
+        self.dense_weights = ({name: linear.weight.detach().clone() for name, linear in linears.items()}
+                              if hp.reconstruct != "none" else None)
         stats = {name: InputStatistics(linear, gram=self.needs_hessian) for name, linear in linears.items()}
         try:
             outputs = run_block(block, self.cache.inputs, kwargs, self.device)
         finally:
             for stat in stats.values():
                 stat.remove()
-        if hp.target_mode == "dense_trajectory":
+        if self.dense_trajectory:  # the dense model's own activation; the next block's X_fp
             outputs = run_block(block, self.cache.dense_inputs, kwargs, self.device)
-            self.cache.dense_inputs = outputs.clone()
+        self.cache.targets = outputs if hp.method == "besa" or self.dense_trajectory else None
         if hp.method == "besa":
             ranks = {name: row_ranks(importance_scores(hp.importance, linears[name].weight, stats[name])) for name in linears}
-            self.cache.targets = outputs
             self.current = BESABlock(
                 block, kwargs_to(kwargs, self.device), ranks, self.rates, hp.sparsity, hp.granularity, hp.smoothing,
                 hp.penalty_weight, hp.penalty_form, hp.optimizer, hp.lr, hp.d_coef, self.quant,
-                hp.exact_sparsity,
+                hp.exact_sparsity, hp.smoothing_scale,
             )
         else:
-            self.masks[index] = {
-                name: prune_linear(hp.method, linear, stats[name], hp.sparsity, hp.granularity, self.nm,
-                                   log=lambda msg: log.warning(f"block {index} {name}: {msg}")).cpu()
-                for name, linear in linears.items()
-            }
-            if self.quant.enabled:
-                self.quant_params[index] = {name: self._round_to_nearest(linear, self.masks[index][name])
-                                            for name, linear in linears.items()}
+            # SparseGPT quantizes inside its own sweep (GPTQ); the others round to nearest, unless the
+            # reconstruction quantizes them later.
+            grids = self._grids(None) if hp.method == "sparsegpt" and hp.reconstruct == "none" else None
+            self.masks[index], self.quant_params[index] = {}, {}
+            for name, linear in linears.items():
+                keep, qparams = prune_linear(hp.method, linear, stats[name], hp.sparsity, hp.granularity, self.nm,
+                                             (grids or {}).get(name),
+                                             log=lambda msg, name=name: log.warning(f"block {index} {name}: {msg}"))
+                self.masks[index][name] = keep.cpu()
+                if qparams is not None:
+                    self.quant_params[index][name] = qparams
+                elif self.quant.enabled and hp.reconstruct == "none":
+                    self.quant_params[index][name] = self._round_to_nearest(linear, keep)
+            if not self.quant_params[index]:
+                del self.quant_params[index]
             self.current = None
         self.prepared = True
 
@@ -244,13 +275,36 @@ class BESAPruner(L.LightningModule):
         burn_in(linear.weight, keep, self.quant, scale, zero)
         return scale.cpu(), zero.cpu()
 
+    def _grids(self, clipping: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> dict[str, QuantGrid] | None:
+        """GPTQ grids for the reconstruction sweep: learned clipping strengths, or plain min-max."""
+        if not self.quant.enabled:
+            return None
+        names = prunable_linears(self.blocks[self.block_index])
+        return {name: QuantGrid(self.quant.bits, self.quant.group_size, *(clipping or {}).get(name, (None, None)))
+                for name in names}
+
+    def _reconstruct(self, clipping=None) -> None:
+        """The closed-form step: kept weights re-solved under the final masks (and quantized)."""
+        index = self.block_index
+        qparams = reconstruct_block(
+            self.blocks[index], self.dense_weights, self.masks[index], self.cache.inputs,
+            self.cache.dense_inputs if self.dense_trajectory else None, self.cache.block_kwargs[index], self.device,
+            self.hparams.reconstruct_reference, self._grids(clipping),
+            log=lambda msg: log.warning(f"block {index} reconstruction: {msg}"),
+        )
+        if qparams:
+            self.quant_params[index] = qparams
+        self.dense_weights = None
+
     def finish_block(self) -> dict[str, Any]:
-        """Burn in the masks, compute the next block's inputs, and move on."""
+        """Burn in the masks, reconstruct, compute the next block's inputs, and move on."""
         index = self.block_index
         block = self.blocks[index]
+        clipping = None
         if self.current is not None:
             rates = self.current.learned_rates()
             expected = self.current.expected_sparsity().item()
+            clipping = self.current.clipping_strengths()
             masks, qparams = self.current.finalize()
             self.masks[index] = {name: mask.cpu() for name, mask in masks.items()}
             if qparams:
@@ -258,10 +312,15 @@ class BESAPruner(L.LightningModule):
             self.learned[index] = {
                 name: {"mean": float(r.mean()), "min": float(r.min()), "max": float(r.max())} for name, r in rates.items()
             }
+            self.clipping[index] = clipping
             self.current = None
-            self.cache.targets = None
         else:
             expected = self.hparams.sparsity
+        if self.hparams.reconstruct != "none":
+            self._reconstruct(clipping)
+        if self.dense_trajectory:
+            self.cache.dense_inputs = self.cache.targets
+        self.cache.targets = None
         run_block(block, self.cache.inputs, self.cache.block_kwargs[index], self.device, out=self.cache.inputs)
         block.to("cpu")
         kept = sum(int(mask.sum()) for mask in self.masks[index].values())
@@ -271,6 +330,29 @@ class BESAPruner(L.LightningModule):
         self.block_index += 1
         self.prepared = False
         return entry
+
+    @torch.no_grad()
+    def replay_block(self, masks, qparams, clipping) -> None:
+        """Redo a finished block from its saved masks (resume): burn in or reconstruct, then forward."""
+        index = self.block_index
+        block = self.blocks[index].to(self.device)
+        kwargs = self.cache.block_kwargs[index]
+        linears = prunable_linears(block)
+        if self.dense_trajectory:
+            self.cache.targets = run_block(block, self.cache.dense_inputs, kwargs, self.device)
+        self.masks[index] = masks
+        if self.hparams.reconstruct != "none":
+            self.dense_weights = {name: linear.weight.detach().clone() for name, linear in linears.items()}
+            self._reconstruct(clipping)
+        else:
+            for name, linear in linears.items():
+                burn_in(linear.weight, masks[name], self.quant, *(qparams or {}).get(name, (None, None)))
+        if self.dense_trajectory:
+            self.cache.dense_inputs = self.cache.targets
+        self.cache.targets = None
+        run_block(block, self.cache.inputs, kwargs, self.device, out=self.cache.inputs)
+        block.to("cpu")
+        self.block_index += 1
 
     def ensure_prepared(self) -> None:
         if self.pruning and not self.prepared and self.block_index < self.num_blocks:
@@ -289,9 +371,9 @@ class BESAPruner(L.LightningModule):
     def training_step(self, batch, batch_idx: int):
         if self.current is None:
             return None
-        index = int(batch[0])
-        inputs = self.cache.inputs[index : index + 1].to(self.device)
-        targets = self.cache.targets[index : index + 1].to(self.device)
+        indices = batch.cpu()
+        inputs = self.cache.inputs[indices].to(self.device)
+        targets = self.cache.targets[indices].to(self.device)
         try:
             loss = self.current.training_step((inputs, targets), batch_idx)
         except FloatingPointError as error:

@@ -25,7 +25,7 @@ def test_sparsegpt_update_reconstructs_better_than_masking_alone():
         linear(x)
     stats.remove()
     weight = linear.weight.detach().clone()
-    new_weight, keep = sparsegpt_prune(weight, stats.hessian, 0.5)
+    new_weight, keep, _ = sparsegpt_prune(weight, stats.hessian, 0.5)
     assert int((~keep).sum()) == weight.numel() // 2
     assert torch.all(new_weight[~keep] == 0)
     error_obs = (x @ (weight - new_weight).t()).pow(2).mean()

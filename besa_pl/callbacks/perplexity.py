@@ -19,8 +19,13 @@ C4_DOCUMENTS = 1100
 C4_WINDOWS = 256
 
 
-def evaluation_text(name: str, data_dir: str | None) -> tuple[str, str]:
+DATASETS = ("wikitext2", "c4", "ptb", "heldout")
+
+
+def evaluation_text(name: str, data_dir: str | None, datamodule=None, tokenizer=None) -> tuple[str, str]:
     """The corpus text exactly as the protocol joins it, and its source."""
+    if name == "heldout":
+        return datamodule.heldout_text(tokenizer)
     if name == "wikitext2":
         docs, source = documents("wikitext2", "test", data_dir, "PerplexityEval.datasets")
         return "\n\n".join(docs), source
@@ -32,7 +37,7 @@ def evaluation_text(name: str, data_dir: str | None) -> tuple[str, str]:
         if source.endswith(".parquet"):
             source += " (local C4 validation excerpt standing in for shard 00000)"
         return " ".join(docs[:C4_DOCUMENTS]), source
-    raise BesaError(f"PerplexityEval.datasets: unknown dataset {name!r}; use wikitext2, c4 or ptb")
+    raise BesaError(f"PerplexityEval.datasets: unknown dataset {name!r}; use {', '.join(DATASETS)}")
 
 
 def windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
@@ -60,7 +65,8 @@ class PerplexityEval(Callback):
     """Perplexity of the (pruned) model on WikiText2 / C4 / PTB after pruning.
 
     Args:
-        datasets: any of wikitext2, c4, ptb.
+        datasets: any of wikitext2, c4, ptb, and heldout (the calibration source's documents that
+            calibration did not draw: a validation split for choosing settings).
         seqlen: window length (2048, the BESA protocol).
         batch_size: windows per forward pass (no effect on the result).
         max_windows: evaluate only the first N windows (quick runs; the table says so).
@@ -76,8 +82,8 @@ class PerplexityEval(Callback):
         data_dir: str | None = None,
     ) -> None:
         for name in datasets:
-            if name not in ("wikitext2", "c4", "ptb"):
-                raise BesaError(f"PerplexityEval.datasets: unknown dataset {name!r}; use wikitext2, c4 or ptb")
+            if name not in DATASETS:
+                raise BesaError(f"PerplexityEval.datasets: unknown dataset {name!r}; use {', '.join(DATASETS)}")
         self.datasets = list(datasets)
         self.seqlen = seqlen
         self.batch_size = batch_size
@@ -99,9 +105,9 @@ class PerplexityEval(Callback):
         model, device = pruner.model_for_evaluation()
         scores, details = {}, {}
         for name in self.datasets:
-            text, source = evaluation_text(name, data_dir)
+            text, source = evaluation_text(name, data_dir, trainer.datamodule, pruner.tokenizer)
             ids = pruner.tokenizer(text, return_tensors="pt").input_ids[0]
-            limit = C4_WINDOWS if name == "c4" else None
+            limit = C4_WINDOWS if name in ("c4", "heldout") else None
             if self.max_windows is not None:
                 limit = min(limit or self.max_windows, self.max_windows)
             batches = windows(ids, self.seqlen, limit)

@@ -1,0 +1,156 @@
+"""Quality benchmark: several pruning methods on the same calibration, evaluated on the same windows.
+
+Every run goes through the same Trainer, BlockwiseLoop and evaluation callbacks as `besa-pl fit`
+and writes its results to `bench/results/runs/<model>/<run>-s<sparsity>-<N>x<T>.json`; a run whose
+file exists is not measured again (`--force` to redo). `--table` writes bench/results/quality.md and
+bench/results/quality.png from every stored run.
+
+    python bench/quality.py --data-dir ../shared/data --sparsities 0.5 0.6 0.7 \\
+        --runs dense magnitude wanda sparsegpt besa-paper wanda-obs besa --max-windows 40
+    python bench/quality.py --table
+
+A run name is a preset below, or `name:key=value,key=value` with BESAPruner / data settings
+(`data.batch_size=4`), e.g. `besa-s3:reconstruct=obs,smoothing_scale=3`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+PRESETS: dict[str, dict] = {
+    "dense": {"method": "dense"},
+    "magnitude": {"method": "magnitude"},
+    "wanda": {"method": "wanda"},
+    "sparsegpt": {"method": "sparsegpt"},
+    # The paper's BESA: official floor rule and settings, no reconstruction.
+    "besa-paper": {"method": "besa", "exact_sparsity": False, "reconstruct": "none", "smoothing_scale": 1.0,
+                   "data.batch_size": 1},
+    "besa-paper-exact": {"method": "besa", "reconstruct": "none", "smoothing_scale": 1.0, "data.batch_size": 1},
+    # Wanda's uniform masks with the same reconstruction as the default: what the learned allocation adds.
+    "wanda-obs": {"method": "wanda", "reconstruct": "obs"},
+    # The default of besa-pl (cli.yaml): BESA allocation + reconstruction.
+    "besa": {"method": "besa"},
+}
+
+
+def parse_run(spec: str) -> tuple[str, dict]:
+    name, _, settings = spec.partition(":")
+    if not settings:
+        if name not in PRESETS:
+            raise SystemExit(f"unknown run {name!r}; use one of {', '.join(PRESETS)} or name:key=value,...")
+        return name, dict(PRESETS[name])
+    values: dict = {}
+    for item in settings.split(","):
+        key, _, raw = item.partition("=")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return name, values
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def run_one(name: str, settings: dict, sparsity: float, args) -> dict:
+    from besa_pl import BESAPruner, CalibrationDataModule
+    from besa_pl.callbacks import PerplexityEval, ZeroShotEval
+    from besa_pl.runtime import make_trainer
+
+    model_settings = {k: v for k, v in settings.items() if not k.startswith("data.")}
+    data_settings = {k.removeprefix("data."): v for k, v in settings.items() if k.startswith("data.")}
+    pruner = BESAPruner(pretrained=args.model, sparsity=sparsity, dtype=args.dtype, **model_settings)
+    data = CalibrationDataModule(dataset="c4", nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
+                                 data_dir=args.data_dir, **data_settings)
+    callbacks = [PerplexityEval(datasets=args.ppl, seqlen=2048, batch_size=args.eval_batch,
+                                max_windows=args.max_windows)]
+    if args.zero_shot and sparsity in args.zero_shot_sparsities:
+        callbacks.append(ZeroShotEval(limit=args.zero_shot_limit, batch_size=32))
+    root = Path(args.out) / args.model / f"{name}-s{sparsity}"
+    trainer = make_trainer(root, callbacks, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    start = time.perf_counter()
+    trainer.fit(pruner, datamodule=data)
+    results = dict(pruner.results)
+    results.update(wall_s=time.perf_counter() - start, run=name, settings=settings, sparsity=sparsity,
+                   model=args.model, calibration=f"{args.nsamples} x {args.seqlen} tokens, {data.source}, seed 0",
+                   commit=commit())
+    return results
+
+
+def result_path(args, name: str, sparsity: float) -> Path:
+    return RESULTS / "runs" / args.model / f"{name}-s{sparsity}-{args.nsamples}x{args.seqlen}.json"
+
+
+def satisfied(stored: dict, args, sparsity: float) -> bool:
+    """Whether a stored run already has every evaluation asked for, on the same windows."""
+    for dataset in args.ppl:
+        details = stored.get("perplexity_details", {}).get(dataset)
+        if details is None:
+            return False
+        if args.max_windows is None and not details["all_windows"]:
+            return False
+        if args.max_windows is not None and details["windows"] != args.max_windows and not details["all_windows"]:
+            return False
+    wants_zero_shot = args.zero_shot and sparsity in args.zero_shot_sparsities
+    return not wants_zero_shot or stored.get("zero_shot", {}).get("limit") == args.zero_shot_limit
+
+
+def measure(args) -> None:
+    for sparsity in args.sparsities:
+        for spec in args.runs:
+            name, settings = parse_run(spec)
+            if settings.get("method") == "dense" and sparsity != args.sparsities[0]:
+                continue  # the dense row does not depend on the sparsity
+            path = result_path(args, name, 0.0 if settings.get("method") == "dense" else sparsity)
+            if path.exists() and not args.force and satisfied(json.loads(path.read_text()), args, sparsity):
+                print(f"{path.name}: stored, skipped")
+                continue
+            results = run_one(name, settings, sparsity, args)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=2, default=float))
+            tmp.replace(path)
+            ppl = {d: round(v, 3) for d, v in results.get("perplexity", {}).items()}
+            print(f"{path.name}: {ppl} realised {results['realised_sparsity']:.4f} wall {results['wall_s']:.0f}s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--runs", nargs="+", default=["dense", "sparsegpt", "besa"])
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5])
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--ppl", nargs="+", default=["wikitext2"], help="wikitext2 c4 ptb heldout")
+    parser.add_argument("--max-windows", type=int, default=None)
+    parser.add_argument("--eval-batch", type=int, default=4)
+    parser.add_argument("--zero-shot", action="store_true", help="full zero-shot tasks (see --zero-shot-limit)")
+    parser.add_argument("--zero-shot-limit", type=int, default=None)
+    parser.add_argument("--zero-shot-sparsities", nargs="+", type=float, default=[0.5])
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", default="runs/quality")
+    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--table", action="store_true", help="only write quality.md / quality.png from stored runs")
+    args = parser.parse_args()
+    if not args.table:
+        measure(args)
+    if args.table:
+        from quality_table import write_table
+
+        write_table(RESULTS)
+
+
+if __name__ == "__main__":
+    main()
