@@ -11,16 +11,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .errors import BesaError
 from .importance import InputStatistics, magnitude_scores, wanda_scores
+from .models import prunable_linears
 from .obs import QuantGrid, SaliencySelect, obs_sweep
-
-
-def parse_structure(structure: str | None) -> tuple[int, int] | None:
-    """'2:4' -> (2, 4): keep N of every M consecutive input weights; None = unstructured."""
-    if structure in (None, "", "unstructured"):
-        return None
-    n, m = (int(part) for part in structure.split(":"))
-    return n, m
 
 
 def keep_mask_from_scores(
@@ -90,6 +84,15 @@ def prune_linear(
     return keep, None
 
 
-def check_structure(structure: tuple[int, int] | None, columns: int, name: str) -> None:
-    if structure is not None and columns % structure[1] != 0:
-        raise ValueError(f"{name} has {columns} input features, not a multiple of M={structure[1]}")
+def check_shapes(settings, blocks) -> None:
+    """N:M structure and quantization groups must divide every linear's input features."""
+    group = settings.quant.group_size if settings.quant.enabled else None
+    for index, block in enumerate(blocks):
+        for name, linear in prunable_linears(block).items():
+            columns = linear.in_features
+            if settings.nm is not None and columns % settings.nm[1]:
+                raise BesaError(f"model.structure={settings.structure}: block {index} {name} has {columns} input "
+                                f"features, not a multiple of {settings.nm[1]}; pick another N:M")
+            if group is not None and columns % group:
+                raise BesaError(f"model.quant.group_size={group} does not divide block {index} {name}'s "
+                                f"{columns} input features; pick a divisor or leave it unset")

@@ -9,10 +9,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .allocation import SparsityAllocation, exact_target_counts, prune_counts
+from .allocation import SparsityAllocation, candidate_rates, exact_target_counts, prune_counts
 from .loss import reconstruction_loss, sparsity_penalty
 from .models import call_block, prunable_linears
-from .quant import LearnableClipQuantizer, QuantConfig, burn_in
+from .quant import LearnableClipQuantizer, burn_in
+from .settings import PruneSettings
 
 
 class BESABlock(L.LightningModule):
@@ -22,46 +23,24 @@ class BESABlock(L.LightningModule):
     Trainer; inside `besa-pl fit`, BESAPruner feeds it from the activation cache.
     """
 
-    def __init__(
-        self,
-        block: nn.Module,
-        block_kwargs: dict,
-        ranks: dict[str, Tensor],
-        rates: Tensor,
-        target: float,
-        granularity: str = "row",
-        smoothing: bool = True,
-        penalty_weight: float = 5.0,
-        penalty_form: str = "relative",
-        optimizer: str = "prodigy",
-        lr: float = 1.0,
-        d_coef: float = 5.0,
-        quant: QuantConfig | None = None,
-        exact_sparsity: bool = True,
-        smoothing_scale: float = 1.0,
-    ) -> None:
+    def __init__(self, block: nn.Module, block_kwargs: dict, ranks: dict[str, Tensor], settings: PruneSettings) -> None:
         super().__init__()
         self.block = block
         self.block_kwargs = block_kwargs
-        self.target = target
-        self.penalty_weight = penalty_weight
-        self.penalty_form = penalty_form
-        self.optimizer_name = optimizer
-        self.lr = lr
-        self.d_coef = d_coef
-        self.quant_config = quant if quant is not None else QuantConfig()
-        self.quant = self.quant_config if self.quant_config.enabled else None
-        self.exact_sparsity = exact_sparsity
+        self.settings = settings
+        self.quant = settings.quant if settings.quant.enabled else None
         self.linears = prunable_linears(block)
         total = sum(linear.weight.numel() for linear in self.linears.values())
         self.shares = {name: linear.weight.numel() / total for name, linear in self.linears.items()}
+        rates = candidate_rates(settings.sparsity, settings.num_candidates, settings.candidate_grid)
         for name, linear in self.linears.items():
             device = linear.weight.device
             if self.quant is not None:  # W_eff = Q(W) * M: quantize first, then mask
                 quantizer = LearnableClipQuantizer(linear.weight.shape, self.quant.bits, self.quant.group_size,
                                                    self.quant.clip_init, self.quant.learn_clipping)
                 parametrize.register_parametrization(linear, "weight", quantizer.to(device))
-            allocation = SparsityAllocation(ranks[name].to(device), rates, granularity, smoothing, smoothing_scale)
+            allocation = SparsityAllocation(ranks[name].to(device), rates, settings.granularity, settings.smoothing,
+                                            settings.smoothing_scale)
             parametrize.register_parametrization(linear, "weight", allocation.to(device))
         self.last_metrics: dict[str, float] = {}
 
@@ -75,13 +54,14 @@ class BESABlock(L.LightningModule):
         return call_block(self.block, hidden, self.block_kwargs)
 
     def expected_sparsity(self) -> Tensor:
-        """Parameter-weighted mean of the layers' expected rates (BESA_SPEC 6.4)."""
+        """Parameter-weighted mean of the layers' expected rates: the s of the sparsity penalty."""
         return sum(share * self.allocation(name).expected_sparsity() for name, share in self.shares.items())
 
     def objective(self, output: Tensor, target: Tensor) -> tuple[Tensor, dict[str, float]]:
         rec = reconstruction_loss(output, target)
         expected = self.expected_sparsity()
-        pen = sparsity_penalty(expected, self.target, self.penalty_weight, self.penalty_form)
+        s = self.settings
+        pen = sparsity_penalty(expected, s.sparsity, s.penalty_weight, s.penalty_form)
         loss = rec + pen
         metrics = {"loss": loss.item(), "reconstruction": rec.item(), "expected_sparsity": expected.item()}
         return loss, metrics
@@ -96,16 +76,15 @@ class BESABlock(L.LightningModule):
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """The logits' optimizer, and AdamW for the clipping logits when they are learned."""
         params = [self.allocation(name).logits for name in self.linears]
-        if self.optimizer_name == "prodigy":
+        s = self.settings
+        if s.optimizer == "prodigy":
             from prodigyopt import Prodigy
 
-            # The release scripts' settings (BESA_SPEC 8); only d_coef varies by model.
-            optimizers = [Prodigy(params, lr=self.lr, d_coef=self.d_coef, weight_decay=0.0, decouple=True,
+            # The official release scripts' settings; only d_coef varies by model (paper section 4.1).
+            optimizers = [Prodigy(params, lr=s.lr, d_coef=s.d_coef, weight_decay=0.0, decouple=True,
                                   use_bias_correction=False, safeguard_warmup=False, d0=1e-6)]
-        elif self.optimizer_name == "adamw":
-            optimizers = [torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)]
         else:
-            raise ValueError(f"unknown optimizer {self.optimizer_name!r}")
+            optimizers = [torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)]
         if self.quant is not None and self.quant.learn_clipping:
             clips = [p for name in self.linears for p in (self.quantizer(name).clip_upper, self.quantizer(name).clip_lower)]
             optimizers.append(torch.optim.AdamW(clips, lr=self.quant.clip_lr, weight_decay=0.0))
@@ -126,9 +105,9 @@ class BESABlock(L.LightningModule):
         """Per-row prune counts of the final masks: floor(C * alpha), or the exact-target ones."""
         alphas = {name: self.allocation(name).row_alpha() for name in self.linears}
         columns = [self.allocation(name).columns for name in self.linears]
-        if not self.exact_sparsity:
+        if not self.settings.exact_sparsity:
             return {name: prune_counts(a, c) for (name, a), c in zip(alphas.items(), columns)}
-        return dict(zip(alphas, exact_target_counts(list(alphas.values()), columns, self.target)))
+        return dict(zip(alphas, exact_target_counts(list(alphas.values()), columns, self.settings.sparsity)))
 
     @torch.no_grad()
     def clipping_strengths(self) -> dict[str, tuple[Tensor, Tensor]] | None:
@@ -152,5 +131,5 @@ class BESABlock(L.LightningModule):
             if self.quant is not None:
                 qparams[name] = self.quantizer(name).params(linear.parametrizations.weight.original)
             parametrize.remove_parametrizations(linear, "weight", leave_parametrized=False)
-            burn_in(linear.weight, masks[name], self.quant_config, *qparams.get(name, (None, None)))
+            burn_in(linear.weight, masks[name], self.settings.quant, *qparams.get(name, (None, None)))
         return masks, qparams

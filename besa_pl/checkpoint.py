@@ -1,8 +1,9 @@
 """What a besa-pl checkpoint holds, how it is checked on resume, and atomic writing.
 
-A checkpoint never holds the base model's weights: only the finished blocks' masks
-(bit-packed), the current block's logits (its optimizer state is Lightning's), the loop
-position and fingerprints of the base model and of every setting that changes the result.
+A checkpoint never holds the base model's weights. `checkpoint["besa"]` keeps the finished
+blocks' records (each names its shard in the pruned folder being written and that shard's
+digest), the current block's logits and optimizer state, and fingerprints of the base model,
+of the calibration tokens and of every setting that changes the result.
 """
 
 from __future__ import annotations
@@ -10,122 +11,79 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .errors import BesaError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
-@dataclass
-class ResumeState:
-    block_state: dict[str, torch.Tensor] | None
-
-
-def model_fingerprint(obj) -> str:
-    """Short hash of a model's parameters (names, shapes, strided samples) or of one tensor."""
-    digest = hashlib.sha256()
-    tensors = obj.named_parameters() if isinstance(obj, torch.nn.Module) else [("tensor", obj)]
-    for name, tensor in tensors:
-        flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float64)
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(sample.numpy().tobytes())
+def tensor_fingerprint(tensor: torch.Tensor) -> str:
+    """Short hash of a tensor's shape and values (the calibration tokens)."""
+    digest = hashlib.sha256(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
+    digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
-def block_fingerprint_settings(hparams: dict[str, Any], datamodule) -> dict[str, Any]:
-    settings = {}
-    for key, value in hparams.items():
-        if key == "pretrained":
-            continue  # the weights' fingerprint stands for the model, wherever its folder is
-        if dataclasses.is_dataclass(value):
-            settings.update({f"model.{key}.{k}": v for k, v in dataclasses.asdict(value).items()})
-        else:
-            settings[f"model.{key}"] = value
+def model_fingerprint(store) -> str:
+    """Short hash of a model's weight files: every tensor's name, shape and dtype, and a sample of
+    its values (the first and last row), read without loading the model."""
+    digest = hashlib.sha256()
+    for name, (shape, dtype, sample) in sorted(store.samples().items()):
+        digest.update(f"{name}{shape}{dtype}".encode())
+        digest.update(sample.to(torch.float64).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def result_settings(pruner, datamodule) -> dict[str, Any]:
+    """Every setting that changes the pruned model (resume refuses if one differs)."""
+    settings = dict(pruner.settings.flat())
     for key in ("dataset", "nsamples", "seqlen", "seed", "batch_size"):
         settings[f"data.{key}"] = getattr(datamodule, key)
+    if datamodule.dataset == "self":
+        settings.update({f"data.generation.{k}": v for k, v in dataclasses.asdict(datamodule.generation).items()})
     return settings
 
 
-def pack_mask(mask: torch.Tensor) -> dict[str, Any]:
-    bits = np.packbits(mask.cpu().numpy().reshape(-1).astype(np.uint8))
-    return {"shape": list(mask.shape), "bits": torch.from_numpy(bits)}
-
-
-def unpack_mask(packed: dict[str, Any]) -> torch.Tensor:
-    shape = packed["shape"]
-    count = int(np.prod(shape))
-    bits = np.unpackbits(packed["bits"].numpy())[:count]
-    return torch.from_numpy(bits.astype(bool)).reshape(shape)
-
-
-def dump_state(pruner) -> dict[str, Any]:
+def loop_state(records: list[dict], pruner, datamodule) -> dict[str, Any]:
     return {
         "version": FORMAT_VERSION,
-        "block_index": pruner.block_index,
-        "masks": {i: {name: pack_mask(m) for name, m in masks.items()} for i, masks in pruner.masks.items()},
-        "learned": pruner.learned,
-        "block_logs": pruner.block_logs,
-        "block_state": pruner.current.trainable_state() if pruner.current is not None else None,
-        "quant_params": pruner.quant_params,
-        "clipping": pruner.clipping,
-        "settings": pruner.result_settings(),
-        "model_fingerprint": pruner.fingerprint(),
-        "calibration_fingerprint": pruner.calibration_fingerprint,
+        "block_index": len(records),
+        "block_logs": records,
+        "block_state": pruner.trainable_state(),
+        "settings": result_settings(pruner, datamodule),
+        "model_fingerprint": pruner.open_source().fingerprint,
+        "calibration_fingerprint": tensor_fingerprint(datamodule.tokens),
     }
 
 
-def _check_compatible(pruner, state: dict[str, Any]) -> None:
-    if state.get("model_fingerprint") != pruner.fingerprint():
+def check_resume(checkpoint: dict[str, Any], pruner, datamodule) -> dict[str, Any]:
+    """The checkpoint's besa section, after checking it belongs to this model, data and settings."""
+    state = checkpoint.get("besa")
+    if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION:
+        raise BesaError("ckpt_path: not a besa-pl checkpoint of this version (no 'besa' section of format "
+                        f"{FORMAT_VERSION}); give a checkpoint that this besa-pl wrote, or start again")
+    now = pruner.open_source().fingerprint
+    if state.get("model_fingerprint") != now:
         raise BesaError(
             "ckpt_path: the checkpoint was made from a different base model "
-            f"(fingerprint {state.get('model_fingerprint')} vs {pruner.fingerprint()}); resume with the same "
+            f"(fingerprint {state.get('model_fingerprint')} vs {now}); resume with the same "
             "model.pretrained or start a new run in another trainer.default_root_dir"
         )
-    saved, now = state["settings"], pruner.result_settings()
-    differ = [key for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+    saved, current = state["settings"], result_settings(pruner, datamodule)
+    differ = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
     if differ:
-        listed = ", ".join(f"{key}={saved.get(key)!r} in the checkpoint but {now.get(key)!r} now" for key in differ)
+        listed = ", ".join(f"{key}={saved.get(key)!r} in the checkpoint but {current.get(key)!r} now" for key in differ)
         raise BesaError(f"ckpt_path: settings differ from the checkpoint's: {listed}; resume with the same settings or start a new run")
-    if state.get("calibration_fingerprint") != pruner.calibration_fingerprint:
+    if state.get("calibration_fingerprint") != tensor_fingerprint(datamodule.tokens):
         raise BesaError(
             "ckpt_path: the calibration tokens differ from the checkpoint's (another data folder, dataset file or "
             "tokenizer); resume with the same data or start a new run"
         )
-
-
-@torch.no_grad()
-def load_state(pruner, checkpoint: dict[str, Any]) -> ResumeState:
-    """Check a checkpoint against this run, then replay the finished blocks to rebuild the cache."""
-    state = checkpoint.get("besa")
-    if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION:
-        raise BesaError("ckpt_path: not a besa-pl checkpoint (no 'besa' section of this format); give a checkpoint that besa-pl wrote")
-    _check_compatible(pruner, state)
-    finished = state["block_index"]
-    masks = {i: {name: unpack_mask(p) for name, p in block.items()} for i, block in state["masks"].items()}
-    for index in range(finished):
-        pruner.block_index = index
-        if pruner.hparams.method == "sparsegpt":
-            # SparseGPT also updates the kept weights while it chooses the mask: redo it (deterministic).
-            pruner.prepare_block()
-            pruner.finish_block()
-        else:
-            pruner.replay_block(masks[index], state["quant_params"].get(index), state["clipping"].get(index))
-    pruner.masks = masks
-    pruner.learned = state["learned"]
-    pruner.quant_params = state["quant_params"]
-    pruner.clipping = state["clipping"]
-    pruner.block_logs = list(state["block_logs"])
-    pruner.block_index = finished
-    pruner.prepared = False
-    pruner.resumed = True
-    return ResumeState(block_state=state["block_state"])
+    return state
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

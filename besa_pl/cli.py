@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
+from . import __version__
 from .data import CalibrationDataModule
 from .errors import BesaError
 from .export import is_finished_run
@@ -23,8 +25,42 @@ from .runtime import complete_callbacks, complete_plugins
 console = Console(stderr=True)
 
 
+def parser_error_line(message: str) -> str:
+    """jsonargparse's several-line message about a bad value, as one line that names the setting."""
+    key = re.search(r'Parser key "([^"]+)"', message)
+    given = re.search(r"(?:Got value|Given value): (.*)", message)
+    if key and given:
+        setting, value = key.group(1), given.group(1).strip()
+        choices = re.search(r"Literal\[(.*?)\]", message)
+        if choices:
+            return f"{setting}={value}: unknown value; use one of {choices.group(1).replace(chr(39), '')}"
+        types = re.findall(r"<class '(\w+)'>", message)
+        wanted = " or ".join(dict.fromkeys("null" if t == "NoneType" else t for t in types)) or "another value"
+        return f"{setting}={value}: expected {wanted}"
+    unknown = re.match(r"unrecognized arguments: (.*)", message)
+    if unknown:
+        first = unknown.group(1).split()
+        if first[0] == "--config" and len(first) > 1 and not Path(first[1]).exists():
+            return f"--config {first[1]}: no such file; give the path of a besa-pl config (e.g. cli.yaml)"
+        return f"unknown setting {first[0]}; `besa-pl fit --help` lists the settings"
+    return " ".join(message.split())
+
+
+class _OneLineErrorParser(LightningArgumentParser):
+    def error(self, message: str, ex=None):
+        raise BesaError(parser_error_line(message))
+
+
 class BesaCLI(LightningCLI):
     """LightningCLI with the callbacks every besa-pl run needs added to the Trainer."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("parser_class", _OneLineErrorParser)
+        super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        kwargs.setdefault("dump_header", [f"besa-pl {__version__}"])
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--overwrite", type=bool, default=False,

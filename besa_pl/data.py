@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from .errors import BesaError
+from .self_calibration import SelfRecipe, self_calibration_tokens
 
 CALIBRATION_DATASETS = ("c4", "wikitext2", "ptb")
 
@@ -142,7 +143,7 @@ def calibration_tokens(dataset: str, tokenizer, nsamples: int, seqlen: int, seed
         return sample_stream("\n\n".join(docs), tokenizer, nsamples, seqlen, seed, "data.dataset"), source
     path = Path(dataset).expanduser()
     if not path.is_file():
-        raise BesaError(f"data.dataset={dataset}: not c4, wikitext2, ptb or an existing .txt/.jsonl file")
+        raise BesaError(f"data.dataset={dataset}: not c4, wikitext2, ptb, self or an existing .txt/.jsonl file")
     text = read_text_file(path, "data.dataset")
     if path.suffix == ".jsonl":
         try:
@@ -189,10 +190,12 @@ class CalibrationDataModule(L.LightningDataModule):
     """Draws the calibration windows; the training 'batches' are sample indices into them.
 
     Args:
-        dataset: c4 | wikitext2 | ptb | a .txt / .jsonl file.
+        dataset: c4 | wikitext2 | ptb | self (the model writes its own; no data needed) | a .txt / .jsonl file.
         nsamples, seqlen, seed: the calibration windows (the SparseGPT/Wanda recipe).
         data_dir: local data folder; None = the hub (or BESA_DATA_DIR).
         batch_size: calibration samples per BESA optimizer step (1 in the paper).
+        generation: how the model writes its text with `dataset: self` (temperature schedule, top-p,
+            perplexity filter, batch size; see besa_pl/self_calibration.py).
     """
 
     def __init__(
@@ -203,6 +206,7 @@ class CalibrationDataModule(L.LightningDataModule):
         seed: int = 0,
         data_dir: str | None = None,
         batch_size: int = 1,
+        generation: SelfRecipe = SelfRecipe(),
     ) -> None:
         super().__init__()
         if nsamples < 1:
@@ -217,6 +221,7 @@ class CalibrationDataModule(L.LightningDataModule):
         self.seed = seed
         self.data_dir = data_dir
         self.batch_size = batch_size
+        self.generation = generation
         self.tokens: torch.Tensor | None = None
         self.used_documents: set[int] | None = None
         self.source = ""
@@ -225,11 +230,16 @@ class CalibrationDataModule(L.LightningDataModule):
         if self.tokens is not None:
             return
         pruner = self.trainer.lightning_module
-        if not pruner.pruning:
+        if not pruner.settings.pruning:
             return  # the dense row needs no calibration data
         limit = pruner.context_length()
         if limit is not None and self.seqlen > limit:
             raise BesaError(f"data.seqlen={self.seqlen} is longer than the model's context ({limit} tokens); lower data.seqlen")
+        if self.dataset == "self":
+            device = self.trainer.strategy.root_device
+            self.tokens, self.source = self_calibration_tokens(pruner.open_source(), self.nsamples, self.seqlen,
+                                                               self.seed, self.generation, device)
+            return
         self.used_documents = set()
         self.tokens, self.source = calibration_tokens(
             self.dataset, pruner.tokenizer, self.nsamples, self.seqlen, self.seed, self.data_dir, self.used_documents

@@ -31,11 +31,11 @@ def forward_latency(model: nn.Module, seqlen: int = 128, repeats: int = 5) -> fl
     return seconds_per_call(lambda: model(ids, use_cache=False), repeats, device)
 
 
-def semi_structured_skip_reason(model: nn.Module) -> str | None:
-    """Why the 2:4 sparse-kernel measurement cannot run here, or None if it can."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU: torch's 2:4 sparse kernels need one of compute capability 8.0 or newer"
-    major, _ = torch.cuda.get_device_capability()
+def semi_structured_skip_reason(device: torch.device) -> str | None:
+    """Why the 2:4 sparse-kernel measurement cannot run on the Trainer's device, or None if it can."""
+    if torch.device(device).type != "cuda":
+        return "the Trainer's device is not a CUDA GPU: torch's 2:4 sparse kernels need one of compute capability 8.0+"
+    major, _ = torch.cuda.get_device_capability(device)
     if major < 8:
         return f"GPU compute capability {major}.x is below 8.0, which 2:4 sparse kernels need"
     return None

@@ -45,7 +45,7 @@ class SaliencySelect:
     def every(self) -> int | None:
         return self.structure[1] if self.structure else None
 
-    def __call__(self, w: Tensor, diag: Tensor) -> Tensor:
+    def __call__(self, w: Tensor, diag: Tensor, start: int) -> Tensor:
         saliency = w.pow(2) / diag.pow(2).view(1, -1)
         if self.structure is not None:
             n, m = self.structure
@@ -57,6 +57,24 @@ class SaliencySelect:
             threshold = torch.sort(saliency.reshape(-1)).values[cut - 1]
             pruned = saliency <= threshold
         return pruned
+
+
+@dataclass(frozen=True)
+class CountSelect:
+    """The counts of a given mask, SparseGPT's choice of weights: each row prunes, in each lazy block
+    of columns, as many weights as the mask does there, picking those of lowest OBS saliency as
+    updated so far. The allocation (per row and column block) is kept; which weights go adapts to
+    the compensation, as in SparseGPT."""
+
+    keep: Tensor
+    every = None
+
+    def __call__(self, w: Tensor, diag: Tensor, start: int) -> Tensor:
+        counts = (~self.keep[:, start : start + w.shape[1]]).sum(dim=1, keepdim=True).to(w.device)
+        saliency = w.pow(2) / diag.pow(2).view(1, -1)
+        order = torch.argsort(saliency, dim=1, stable=True)
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(w.shape[1], device=w.device).expand_as(order))
+        return ranks < counts
 
 
 def _group_params(columns: Tensor, keep: Tensor, grid: QuantGrid, group: int) -> tuple[Tensor, Tensor]:
@@ -75,7 +93,7 @@ def obs_sweep(
     weight: Tensor,
     hessian: Tensor,
     keep: Tensor | None = None,
-    select: SaliencySelect | None = None,
+    select: SaliencySelect | CountSelect | None = None,
     grid: QuantGrid | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
@@ -113,7 +131,7 @@ def obs_sweep(
             column = start + i
             span = (select.every or end - start) if select is not None else 0
             if select is not None and i % span == 0:
-                k1[:, i : i + span] = ~select(w1[:, i : i + span], torch.diag(u1)[i : i + span])
+                k1[:, i : i + span] = ~select(w1[:, i : i + span], torch.diag(u1)[i : i + span], column)
             if grid is not None and column % size == 0:
                 # From the weights as updated so far (GPTQ's order); a whole-row group is set at
                 # column 0, before any update.

@@ -9,18 +9,17 @@ dequantized weights exactly.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from .models import decoder_blocks, prunable_linears
+from .models import prunable_linears
 from .quant import dequantize, quantize_codes
+from .weights import ShardWriter, WeightStore
 
-FORMAT = "besa-pl-packed-v1"
+FORMAT = "besa-pl-packed-v2"
+PACKED_PARTS = ("mask", "codes", "scale", "zero")
 
 
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
@@ -59,41 +58,34 @@ def unpack_linear(tensors: dict[str, torch.Tensor], prefix: str, shape, bits: in
     return dequantize(grouped, scale, zero, (rows, cols)) * keep
 
 
-@torch.no_grad()
-def save_packed(pruner, folder: str | Path) -> Path:
-    """Write the packed model folder (atomically: temporary folder, then rename)."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model, quant = pruner.model, pruner.quant
-    tensors: dict[str, torch.Tensor] = {}
-    packed_names = set()
-    layers = {}
-    for index, block in enumerate(decoder_blocks(model)):
-        for name, linear in prunable_linears(block).items():
-            full = next(n for n, m in model.named_modules() if m is linear)
-            scale, zero = pruner.quant_params[index][name]
-            keep = pruner.masks[index][name].bool()
-            tensors.update(pack_linear(linear.weight.detach().cpu(), keep, scale, zero, quant.bits, quant.group_size, full))
-            packed_names.add(f"{full}.weight")
-            layers[full] = list(linear.weight.shape)
-    seen = set()
-    for name, tensor in model.state_dict().items():
-        if name not in packed_names and tensor.data_ptr() not in seen:  # tied weights once
-            seen.add(tensor.data_ptr())
-            tensors[name] = tensor.detach().cpu().to(torch.float16).contiguous()
-    save_file(tensors, tmp / "model.safetensors")
-    model.config.save_pretrained(tmp)
-    pruner.tokenizer.save_pretrained(tmp)
-    meta = {"format": FORMAT, "bits": quant.bits, "group_size": quant.group_size, "layers": layers,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
-    (tmp / "besa_packed.json").write_text(json.dumps(meta, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
+class PackedWriter:
+    """Writes the packed folder block by block next to the pruned one (a shard per block, then the
+    rest of the model in fp16), renamed into place only when complete."""
+
+    def __init__(self, folder: str | Path, shards: int, quant, fresh: bool = True) -> None:
+        self.shards = ShardWriter(folder, shards, fresh)
+        self.quant = quant
+        self.layers: dict[str, list[int]] = {}
+
+    @torch.no_grad()
+    def write_block(self, index: int, block, prefix: str, masks, qparams) -> None:
+        tensors = {}
+        linears = prunable_linears(block)
+        for name, linear in linears.items():
+            scale, zero = qparams[name]
+            full = prefix + name
+            tensors.update(pack_linear(linear.weight.detach().cpu(), masks[name].cpu().bool(), scale.cpu(), zero.cpu(),
+                                       self.quant.bits, self.quant.group_size, full))
+        for name, tensor in block.state_dict().items():
+            if name.removesuffix(".weight") not in linears:
+                tensors[prefix + name] = tensor.detach().cpu().to(torch.float16)
+        self.shards.write(index, tensors)
+
+    def finish(self, outer: dict[str, torch.Tensor], config, tokenizer, dtype: torch.dtype) -> Path:
+        self.shards.write(self.shards.shards - 1, {k: v.detach().cpu().to(torch.float16) for k, v in outer.items()})
+        meta = {"format": FORMAT, "bits": self.quant.bits, "group_size": self.quant.group_size,
+                "dtype": str(dtype).removeprefix("torch.")}
+        return self.shards.finish(config, tokenizer, {"besa_packed.json": json.dumps(meta, indent=2)})
 
 
 def load_packed(folder: str | Path):
@@ -107,20 +99,15 @@ def load_packed(folder: str | Path):
     config = AutoConfig.from_pretrained(folder)
     dtype = getattr(torch, meta["dtype"])
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tensors = load_file(str(folder / "model.safetensors"))
-    state = {name: tensor for name, tensor in tensors.items() if not name.rsplit(".", 1)[-1] in ("mask", "codes", "scale", "zero")}
-    for prefix, shape in meta["layers"].items():
+    store = WeightStore(folder)
+    tensors = {name: store.get(name) for name in store.files}
+    state = {name: tensor for name, tensor in tensors.items() if not name.rsplit(".", 1)[-1] in PACKED_PARTS}
+    shapes = dict(model.state_dict().items())
+    for prefix in {name.rsplit(".", 1)[0] for name in tensors if name.endswith(".codes")}:
+        shape = shapes[f"{prefix}.weight"].shape
         state[f"{prefix}.weight"] = unpack_linear(tensors, prefix, shape, meta["bits"], meta["group_size"])
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     model.tie_weights()
     return model.eval(), AutoTokenizer.from_pretrained(folder)
 
 
-def fp16_bytes(model) -> int:
-    """Bytes of the model's weights in fp16, tied tensors once."""
-    unique = {t.data_ptr(): t.numel() for t in model.state_dict().values()}
-    return 2 * sum(unique.values())
-
-
-def folder_bytes(folder: str | Path) -> int:
-    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .models import call_block, prunable_linears
-from .obs import QuantGrid, least_squares_start, obs_sweep
+from .obs import CountSelect, QuantGrid, least_squares_start, obs_sweep
 
-RECONSTRUCT = ("none", "obs")
+RECONSTRUCT = ("none", "obs", "obs_select")
 REFERENCES = ("layer", "target")
 
 
@@ -95,10 +95,13 @@ def reconstruct_block(
     reference: str = "target",
     grids: dict[str, QuantGrid] | None = None,
     log: Callable[[str], None] | None = None,
+    reselect: bool = False,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Re-solve the kept weights of `block` in place, group by group; returns (scale, zero) per
     linear when `grids` quantizes. `dense` holds W0 per linear, `masks` the final keep-masks;
-    `reference_inputs` are the inputs of the reference forward (None = `inputs`)."""
+    `reference_inputs` are the inputs of the reference forward (None = `inputs`). With `reselect`,
+    the masks give only how many weights each row prunes per column block, and the sweep picks
+    which (`masks` is updated in place)."""
     linears = prunable_linears(block)
     for name, linear in linears.items():  # start from the masked dense weights
         linear.weight.copy_((dense[name].to(linear.weight.device) * masks[name].to(linear.weight.device)).to(linear.weight.dtype))
@@ -133,8 +136,11 @@ def reconstruct_block(
             start = dense[name].to(device).float()
             if cross is not None:
                 start = least_squares_start(start, hessian, cross)
-            weight, keep, params = obs_sweep(start, hessian, keep=masks[name].to(device),
+            mask = masks[name].to(device)
+            weight, keep, params = obs_sweep(start, hessian, keep=None if reselect else mask,
+                                             select=CountSelect(mask) if reselect else None,
                                              grid=(grids or {}).get(name), log=log)
+            masks[name] = keep
             linear.weight.copy_((weight * keep).to(linear.weight.dtype))
             if params is not None:
                 qparams[name] = (params[0].cpu(), params[1].cpu())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,7 +22,11 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 class WeightStore:
-    """The tensors of a safetensors model folder (one file or an indexed set of shards), by name."""
+    """The tensors of a safetensors model folder (one file or an indexed set of shards), by name.
+
+    Reads copy the tensors out of a file mapping that is closed right after, so neither edits of a
+    loaded weight reach the file's pages nor do the pages of finished blocks stay mapped.
+    """
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -36,19 +39,53 @@ class WeightStore:
             for path in sorted(self.folder.glob("*.safetensors")):
                 with safe_open(str(path), "pt") as handle:
                     self.files.update({name: path for name in handle.keys()})
-        self._handles: dict[Path, object] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def get(self, name: str) -> torch.Tensor:
-        path = self.files[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), "pt")
-        return self._handles[path].get_tensor(name)
+    def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for path, wanted in by_file.items():
+            with safe_open(str(path), "pt") as handle:
+                for name in wanted:
+                    out[name] = handle.get_tensor(name).clone()
+        return out
 
-    def close(self) -> None:
-        self._handles.clear()
+    def get(self, name: str) -> torch.Tensor:
+        return self.get_many([name])[name]
+
+    def _slices(self, names: list[str], read):
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        for path, wanted in by_file.items():
+            with safe_open(str(path), "pt") as handle:
+                for name in wanted:
+                    yield name, read(handle.get_slice(name))
+
+    def sample(self, name: str) -> tuple[tuple[int, ...], str, torch.Tensor]:
+        """(shape, dtype, the first and last row) of a tensor, read without loading all of it."""
+        return next(self._slices([name], _sample))
+
+    def samples(self) -> dict[str, tuple[tuple[int, ...], str, torch.Tensor]]:
+        return dict(self._slices(sorted(self.files), _sample))
+
+    def numel(self) -> int:
+        """Elements of all tensors, from the file headers."""
+        return sum(n for _, n in self._slices(list(self.files), lambda piece: _numel(piece.get_shape())))
+
+
+def _sample(piece) -> tuple[tuple[int, ...], str, torch.Tensor]:
+    shape = tuple(piece.get_shape())
+    if not shape:
+        return shape, piece.get_dtype(), piece[...].reshape(1).float().clone()
+    if len(shape) == 1:
+        return shape, piece.get_dtype(), piece[0 : min(shape[0], 4096)].float().clone()
+    rows = torch.cat([piece[0:1].reshape(-1), piece[shape[0] - 1 : shape[0]].reshape(-1)])
+    return shape, piece.get_dtype(), rows.float()
 
 
 def has_safetensors(folder: str | Path) -> bool:
@@ -72,13 +109,11 @@ def _set_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
 def materialize(module: nn.Module, prefix: str, store: WeightStore, device, dtype: torch.dtype) -> int:
     """Read every meta parameter of `module` from `store` onto `device`; returns how many elements."""
     count = 0
-    for name, parameter in list(module.named_parameters()):
-        if parameter.device.type != "meta":
-            continue
-        key = prefix + name
-        if key not in store:
-            continue  # tied to a parameter stored under another name (the LM head): tied afterwards
-        value = store.get(key)
+    # Parameters stored under another name (a tied LM head) are tied afterwards.
+    wanted = {name: prefix + name for name, p in module.named_parameters() if p.device.type == "meta" and prefix + name in store}
+    values = store.get_many(list(wanted.values()))
+    for name, key in wanted.items():
+        value = values[key]
         value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
         _set_parameter(module, name, value)
         count += value.numel()
@@ -180,12 +215,3 @@ def swap_into_place(staging: Path, folder: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(staging, folder)
-
-
-def linear_weights(folder: str | Path, blocks: int, names: list[str], prefix: str) -> Iterator[tuple[int, str, torch.Tensor]]:
-    """(block, linear name, weight) for every prunable linear of a saved model, one at a time."""
-    store = WeightStore(folder)
-    for index in range(blocks):
-        for name in names:
-            yield index, name, store.get(f"{prefix}{index}.{name}.weight")
-    store.close()

@@ -73,6 +73,14 @@ def calibration_text():
     return WIKI_TEST
 
 
+def saved_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved (possibly sharded) safetensors model folder, by name."""
+    from besa_pl.weights import WeightStore
+
+    store = WeightStore(folder)
+    return {name: store.get(name) for name in store.files}
+
+
 def run_cli(args: list[str]) -> None:
     from besa_pl.cli import main
 

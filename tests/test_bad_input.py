@@ -46,7 +46,7 @@ def test_bad_settings(extra, expected, tiny_model_dir, calibration_text, tmp_pat
 
 def test_unknown_dataset_name(tiny_model_dir, tmp_path, capsys):
     args = fit_args(tiny_model_dir("llama"), "wikitext103", tmp_path)
-    assert "data.dataset=wikitext103: not c4, wikitext2, ptb or an existing .txt/.jsonl file" in run_failing(args, capsys)
+    assert "data.dataset=wikitext103: not c4, wikitext2, ptb, self or an existing .txt/.jsonl file" in run_failing(args, capsys)
     assert_nothing_finished(tmp_path)
 
 

@@ -5,11 +5,10 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from besa_pl.hwsim import Accelerator, dense_cycles, matrix_cycles
 
-from .conftest import fit_args, run_cli
+from .conftest import fit_args, run_cli, saved_weights
 
 
 @pytest.mark.parametrize("rows,cols", [(64, 64), (4096, 4096), (11008, 4096), (100, 37), (576, 1536), (192, 576)])
@@ -87,7 +86,7 @@ def test_n_m_masks_keep_exactly_n_of_every_m(method, structure, tiny_model_dir, 
                     "--model.structure", structure)
     run_cli(["fit", "--config", str(config), *args[1:]])
     n, m = map(int, structure.split(":"))
-    weights = load_file(str(tmp_path / "pruned" / "model.safetensors"))
+    weights = saved_weights(tmp_path / "pruned")
     linears = [w for name, w in weights.items() if "layers" in name and name.endswith("proj.weight")]
     assert len(linears) == 21
     for weight in linears:

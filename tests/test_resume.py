@@ -5,10 +5,9 @@ import json
 import pytest
 import torch
 from lightning.pytorch import Callback
-from safetensors.torch import load_file
 
 
-from .conftest import REPO, fit_args, run_cli
+from .conftest import REPO, fit_args, run_cli, saved_weights
 
 
 class InterruptAt(Callback):
@@ -40,7 +39,7 @@ def interrupt_config(tmp_path, block, batch=None, crash=False):
 
 
 def pruned_weights(root):
-    return load_file(str(root / "pruned" / "model.safetensors"))
+    return saved_weights(root / "pruned")
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +86,30 @@ def test_resume_gives_the_same_masks_as_an_uninterrupted_run(
         assert torch.equal(resumed[name] == 0, tensor == 0), name
 
 
+def _tensor_bytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
 def test_checkpoint_holds_no_base_weights(tiny_model_dir, calibration_text, tmp_path):
-    run_cli(fit_args(tiny_model_dir("llama"), calibration_text, tmp_path))
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path)
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "--config", interrupt_config(tmp_path, 1, 2), *args[1:]])
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last-interrupted.ckpt", weights_only=False)
     assert checkpoint["state_dict"] == {}
     state = checkpoint["besa"]
-    assert state["block_index"] == 3
-    assert set(state["masks"]) == {0, 1, 2}
-    assert state["masks"][0]["self_attn.q_proj"]["bits"].dtype == torch.uint8
+    assert state["block_index"] == 1
+    assert state["block_logs"][0]["shard"] == "model-00001-of-00004.safetensors"
     assert state["model_fingerprint"] and state["settings"]["model.sparsity"] == 0.5
+    # Only the current block's logits and their optimizer state: a small fraction of one block.
+    block = sum(t.numel() * t.element_size() for n, t in saved_weights(tiny_model_dir("llama")).items() if "layers.1." in n)
+    logits = _tensor_bytes(state["block_state"]["trainable"])
+    assert 0 < logits and _tensor_bytes(checkpoint) <= 5 * logits < 50 * block
 
 
 def test_resume_with_a_changed_setting_names_it(tiny_model_dir, calibration_text, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 
 import torch
 from lightning.pytorch import Callback
@@ -21,21 +22,21 @@ def projection_type(name: str) -> str:
 
 
 @torch.no_grad()
-def simulate(model, acc: Accelerator) -> dict:
-    """Per projection type, averaged over blocks: sparsity, dense and sparse cycles, speed-up."""
+def simulate(linear_weights: Iterable[tuple[str, torch.Tensor]], acc: Accelerator) -> dict:
+    """Per projection type, averaged over blocks: sparsity, dense and sparse cycles, speed-up.
+    `linear_weights` yields (name, weight) for every prunable linear of every block."""
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     counts: dict[str, int] = defaultdict(int)
     zeros = weights = 0
-    for block in decoder_blocks(model):
-        for name, linear in prunable_linears(block).items():
-            kind = projection_type(name)
-            mask = linear.weight != 0
-            sums[kind]["sparsity"] += 1 - float(mask.float().mean())
-            sums[kind]["dense_cycles"] += dense_cycles(*mask.shape, acc)
-            sums[kind]["sparse_cycles"] += matrix_cycles(mask, acc).cycles
-            counts[kind] += 1
-            zeros += int((~mask).sum())
-            weights += mask.numel()
+    for name, weight in linear_weights:
+        kind = projection_type(name)
+        mask = weight != 0
+        sums[kind]["sparsity"] += 1 - float(mask.float().mean())
+        sums[kind]["dense_cycles"] += dense_cycles(*mask.shape, acc)
+        sums[kind]["sparse_cycles"] += matrix_cycles(mask, acc).cycles
+        counts[kind] += 1
+        zeros += int((~mask).sum())
+        weights += mask.numel()
     table = {}
     for kind, values in sums.items():
         row = {key: value / counts[kind] for key, value in values.items()}
@@ -68,7 +69,8 @@ class HardwareSimulation(Callback):
         self.latency_seqlen = latency_seqlen
 
     def on_fit_end(self, trainer, pruner) -> None:
-        table = simulate(pruner.model, self.acc)
+        source = pruner.open_source()
+        table = simulate(source.linear_weights(source.evaluation_folder(trainer)), self.acc)
         results = {"accelerator": vars(self.acc) | {"dense_share_band": list(self.acc.dense_share_band)},
                    "per_type": table}
         view = Table(title=f"simulated accelerator ({self.acc.pe_rows}x{self.acc.pe_cols} PEs, cycles per layer)")
@@ -83,14 +85,18 @@ class HardwareSimulation(Callback):
         pruner.results["hardware"] = results
 
     def _measure(self, pruner) -> dict:
-        model, device = pruner.model_for_evaluation()
+        model, device = pruner.evaluation_model()
+        if model is None:
+            reason = "the model does not fit in this device's memory; latency is measured only for models that do"
+            console.print(f"measured latency skipped: {reason}")
+            return {"skipped": reason}
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
         seconds = forward_latency(model, self.latency_seqlen)
         measured = {"device": name, "forward_ms": seconds * 1e3, "seqlen": self.latency_seqlen,
                     "note": "dense kernels: zeros are still multiplied, so a pruned model is no faster than dense here"}
         console.print(f"measured forward latency on {name}: {seconds * 1e3:.1f} ms for {self.latency_seqlen} tokens "
                       "(dense kernels; pruning alone does not make this faster)")
-        reason = semi_structured_skip_reason(model)
+        reason = semi_structured_skip_reason(device)
         first = prunable_linears(decoder_blocks(model)[0]).values()
         if reason is None and not all(is_two_four(linear.weight) for linear in first):
             reason = "the model is not 2:4 sparse (prune with --model.structure 2:4)"

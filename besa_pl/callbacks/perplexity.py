@@ -9,7 +9,9 @@ from lightning.pytorch import Callback
 from rich.console import Console
 from torchmetrics.text import Perplexity
 
+from ..activations import capture_block_inputs, head_logits, run_block
 from ..data import documents
+from ..weights import WeightStore
 from ..errors import BesaError
 
 console = Console(stderr=True)
@@ -61,6 +63,30 @@ def perplexity(model, batches: torch.Tensor, batch_size: int = 1, device=None) -
     return float(metric.compute())
 
 
+@torch.no_grad()
+def streamed_perplexity(source, folder, batches: torch.Tensor, device, batch_size: int = 1) -> float:
+    """The same perplexity with only one block in memory: every window goes through block 0, then
+    all of them through block 1, and so on (as SparseGPT's evaluation streams layers); the model's
+    own head (final norm, LM head, any logit soft-capping) then scores the last hidden states."""
+    store = WeightStore(folder)
+    cache = capture_block_inputs(source.model, batches, device="cpu")
+    hidden = cache.inputs
+    for index in range(source.num_blocks):
+        block = source.load_block(index, device, store)
+        run_block(block, hidden, cache.block_kwargs[index], device, out=hidden, batch_size=batch_size)
+        source.release_block(index)
+    metric = Perplexity().to(device)
+    source.move_outer(device)
+    try:
+        for start in range(0, batches.shape[0], batch_size):
+            ids = batches[start : start + batch_size].to(device)
+            logits = head_logits(source.model, ids, hidden[start : start + batch_size].to(device)).float()
+            metric.update(logits[:, :-1], ids[:, 1:])
+    finally:
+        source.move_outer("cpu")
+    return float(metric.compute())
+
+
 class PerplexityEval(Callback):
     """Perplexity of the (pruned) model on WikiText2 / C4 / PTB after pruning.
 
@@ -71,6 +97,8 @@ class PerplexityEval(Callback):
         batch_size: windows per forward pass (no effect on the result).
         max_windows: evaluate only the first N windows (quick runs; the table says so).
         data_dir: local data folder; else the data module's, else BESA_DATA_DIR, else the hub.
+        streaming: evaluate one block at a time over all windows even when the model fits (it always
+            does so when the model is larger than the device's memory).
     """
 
     def __init__(
@@ -80,6 +108,7 @@ class PerplexityEval(Callback):
         batch_size: int = 1,
         max_windows: int | None = None,
         data_dir: str | None = None,
+        streaming: bool = False,
     ) -> None:
         for name in datasets:
             if name not in DATASETS:
@@ -89,6 +118,7 @@ class PerplexityEval(Callback):
         self.batch_size = batch_size
         self.max_windows = max_windows
         self.data_dir = data_dir
+        self.streaming = streaming
 
     def setup(self, trainer, pruner, stage: str) -> None:
         limit = pruner.context_length()
@@ -102,10 +132,14 @@ class PerplexityEval(Callback):
 
     def on_fit_end(self, trainer, pruner) -> None:
         data_dir = self.data_dir or getattr(trainer.datamodule, "data_dir", None)
-        model, device = pruner.model_for_evaluation()
-        scores, details = {}, {}
+        scores, details, skipped = {}, {}, {}
         for name in self.datasets:
-            text, source = evaluation_text(name, data_dir, trainer.datamodule, pruner.tokenizer)
+            try:
+                text, source = evaluation_text(name, data_dir, trainer.datamodule, pruner.tokenizer)
+            except BesaError as error:  # no data for it here: the pruning is done, so report and go on
+                skipped[name] = str(error)
+                console.print(f"[yellow]perplexity {name} skipped:[/] {error}")
+                continue
             ids = pruner.tokenizer(text, return_tensors="pt").input_ids[0]
             limit = C4_WINDOWS if name in ("c4", "heldout") else None
             if self.max_windows is not None:
@@ -113,7 +147,13 @@ class PerplexityEval(Callback):
             batches = windows(ids, self.seqlen, limit)
             if batches.shape[0] == 0:
                 raise BesaError(f"PerplexityEval.seqlen={self.seqlen}: {name} has only {ids.numel()} tokens; lower it")
-            value = perplexity(model, batches, self.batch_size, device)
+            model, device = pruner.evaluation_model()
+            if model is not None and not self.streaming:
+                value = perplexity(model, batches, self.batch_size, device)
+            else:  # larger than the device, or asked for: one block at a time over all windows
+                source_model = pruner.open_source()
+                value = streamed_perplexity(source_model, source_model.evaluation_folder(trainer), batches, device,
+                                            self.batch_size)
             scores[name] = value
             details[name] = {"windows": batches.shape[0], "tokens": ids.numel(), "seqlen": self.seqlen, "source": source,
                              "all_windows": self.max_windows is None or batches.shape[0] == ids.numel() // self.seqlen}
@@ -122,5 +162,7 @@ class PerplexityEval(Callback):
                 console.print(f"[yellow]warning:[/] {name} perplexity is not finite")
         pruner.results.setdefault("perplexity", {}).update(scores)
         pruner.results.setdefault("perplexity_details", {}).update(details)
+        if skipped:
+            pruner.results.setdefault("perplexity_skipped", {}).update(skipped)
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"ppl/{k}": v for k, v in scores.items()})

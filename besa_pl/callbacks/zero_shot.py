@@ -57,8 +57,16 @@ class ZeroShotEval(Callback):
         for name, reason in skipped.items():
             console.print(f"[yellow]zero-shot {name} skipped:[/] {reason}")
         results = {"skipped": skipped, "tasks": {}, "versions": {}, "limit": self.limit}
+        model, device = None, None
         if specs:
-            model, device = pruner.model_for_evaluation()
+            try:
+                model, device = pruner.evaluation_model(offload=True)
+            except Exception as error:  # too large even with offloading: the pruning result stands
+                for spec in specs:
+                    name = spec if isinstance(spec, str) else spec["task"]
+                    skipped[name] = f"the model could not be loaded for evaluation ({type(error).__name__}: {error})"
+                specs = []
+        if specs:
             lm = HFLM(pretrained=model, tokenizer=pruner.tokenizer, batch_size=self.batch_size,
                       max_length=self.max_length, device=str(device))
             for spec in specs:

@@ -1,0 +1,145 @@
+"""Every result-changing pruning setting, as one typed, validated, frozen object.
+
+The CLI exposes them as `--model.<name>`; BESABlock, the allocation, the loss and the loop read
+them by name, never by position. Each invalid value ends the run with one line that names the
+setting and the fix (`BesaError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from .errors import BesaError
+from .quant import SUPPORTED_BITS, QuantConfig
+
+Method = Literal["besa", "wanda", "sparsegpt", "magnitude", "dense"]
+Granularity = Literal["row", "layer"]
+Importance = Literal["wanda", "magnitude", "sparsegpt"]
+CandidateGrid = Literal["centered", "uniform"]
+PenaltyForm = Literal["relative", "absolute"]
+TargetMode = Literal["pruned_input", "dense_trajectory"]
+OptimizerName = Literal["prodigy", "adamw"]
+DType = Literal["float32", "bfloat16", "float16"]
+Reconstruct = Literal["none", "obs", "obs_select"]
+Reference = Literal["layer", "target"]
+
+
+def parse_structure(structure: str | None) -> tuple[int, int] | None:
+    """'2:4' -> (2, 4): keep N of every M consecutive input weights; None = unstructured."""
+    if structure in (None, "", "unstructured"):
+        return None
+    try:
+        n, m = (int(part) for part in structure.split(":"))
+    except ValueError as error:
+        raise BesaError(f"model.structure={structure}: write N:M with N < M, e.g. 2:4") from error
+    if not 0 < n < m:
+        raise BesaError(f"model.structure={structure}: write N:M with 0 < N < M, e.g. 2:4")
+    return n, m
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """See BESAPruner for what each setting means."""
+
+    method: Method = "besa"
+    sparsity: float = 0.5
+    granularity: Granularity = "row"
+    structure: str | None = None
+    importance: Importance = "wanda"
+    smoothing: bool = True
+    smoothing_scale: float = 1.0
+    candidate_grid: CandidateGrid = "centered"
+    num_candidates: int = 101
+    penalty_weight: float = 5.0
+    penalty_form: PenaltyForm = "relative"
+    target_mode: TargetMode = "pruned_input"
+    optimizer: OptimizerName = "prodigy"
+    lr: float = 1.0
+    d_coef: float = 5.0
+    epochs_per_block: int = 1
+    dtype: DType = "float32"
+    activation_dtype: DType | None = None
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    exact_sparsity: bool = True
+    reconstruct: Reconstruct = "none"
+    reconstruct_reference: Reference = "target"
+
+    def __post_init__(self) -> None:
+        for name, hint in get_type_hints(type(self)).items():
+            allowed = _choices(hint)
+            value = getattr(self, name)
+            if allowed and value not in allowed:
+                shown = ", ".join(str(choice) for choice in allowed if choice is not None)
+                raise BesaError(f"model.{name}={value}: unknown value; use one of {shown}")
+        if not 0.0 < self.sparsity < 1.0:
+            raise BesaError(f"model.sparsity={self.sparsity}: must be strictly between 0 and 1 (e.g. 0.5)")
+        for name, low in (("num_candidates", 2), ("epochs_per_block", 1)):
+            if getattr(self, name) < low:
+                raise BesaError(f"model.{name}={getattr(self, name)}: must be at least {low}")
+        for name in ("smoothing_scale", "lr", "d_coef"):
+            if not getattr(self, name) > 0:
+                raise BesaError(f"model.{name}={getattr(self, name)}: must be positive")
+        if self.penalty_weight < 0:
+            raise BesaError(f"model.penalty_weight={self.penalty_weight}: must be zero or positive")
+        if self.method == "besa" and self.smoothing:
+            from .allocation import candidate_rates, smoothing_band
+
+            low, high = smoothing_band(candidate_rates(self.sparsity, self.num_candidates, self.candidate_grid),
+                                       self.smoothing_scale)
+            if not low + 0.01 <= self.sparsity <= high - 0.01:
+                raise BesaError(
+                    f"model.sparsity={self.sparsity} is outside [{low:.3f}, {high:.3f}], what sigmoid smoothing can reach "
+                    f"on the {self.candidate_grid} grid; use --model.candidate_grid centered, a larger "
+                    "--model.smoothing_scale or --model.smoothing false"
+                )
+        if self.nm is not None and self.method == "besa":
+            raise BesaError("model.structure: N:M sparsity works with --model.method magnitude, wanda or sparsegpt, not besa")
+        quant = self.quant
+        if quant.enabled and quant.bits not in SUPPORTED_BITS:
+            raise BesaError(f"model.quant.bits={quant.bits}: use one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if quant.group_size is not None and quant.group_size < 1:
+            raise BesaError(f"model.quant.group_size={quant.group_size}: must be a positive number of input columns")
+        if quant.clip_lr <= 0:
+            raise BesaError(f"model.quant.clip_lr={quant.clip_lr}: must be positive")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_structure(self.structure)
+
+    @property
+    def target(self) -> float:
+        """s*, or 1 - N/M under N:M structure (which decides the rate by itself)."""
+        return 1.0 - self.nm[0] / self.nm[1] if self.nm else self.sparsity
+
+    @property
+    def pruning(self) -> bool:
+        return self.method != "dense"
+
+    @property
+    def dense_trajectory(self) -> bool:
+        return self.target_mode == "dense_trajectory"
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.method == "sparsegpt" or (self.method == "besa" and self.importance == "sparsegpt")
+
+    def flat(self) -> dict[str, Any]:
+        """`model.<name>` -> value, the quantization settings as `model.quant.<name>`."""
+        values = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if dataclasses.is_dataclass(value):
+                values.update({f"model.{item.name}.{k}": v for k, v in dataclasses.asdict(value).items()})
+            else:
+                values[f"model.{item.name}"] = value
+        return values
+
+
+def _choices(hint) -> tuple | None:
+    """The allowed values of a Literal (or Literal | None) type hint; None for other types."""
+    if get_origin(hint) is Literal:
+        return get_args(hint)
+    literals = [arg for arg in get_args(hint) if get_origin(arg) is Literal]
+    return get_args(literals[0]) + (None,) if literals else None
