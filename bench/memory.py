@@ -38,8 +38,8 @@ def checkpoint(shape: str, blocks: int) -> Path:
     import torch
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     hidden, intermediate, heads, kv_heads, vocab = SHAPES[shape]
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=blocks,

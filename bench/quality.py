@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def run_one(name: str, settings: dict, sparsity: float, args) -> dict:
     results = dict(pruner.results)
     results.update(wall_s=time.perf_counter() - start, run=name, settings=settings, sparsity=sparsity,
                    model=args.model, calibration=f"{args.nsamples} x {args.seqlen} tokens, {data.source}, seed 0",
-                   commit=commit())
+                   commit=commit(), command="python bench/quality.py " + " ".join(sys.argv[1:]))
     return results
 
 

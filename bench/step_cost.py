@@ -13,12 +13,12 @@ import argparse
 
 import torch
 
-from besa_pl.activations import capture_block_inputs
-from besa_pl.allocation import candidate_rates
+from besa_pl.activations import capture_block_inputs, kwargs_to
 from besa_pl.block import BESABlock
-from besa_pl.importance import InputStatistics, importance_scores, row_ranks
+from besa_pl.importance import rank_linears, reference_pass
 from besa_pl.latency import seconds_per_call
-from besa_pl.models import decoder_blocks, load_model, prunable_linears
+from besa_pl.models import decoder_blocks, load_model
+from besa_pl.settings import PruneSettings
 
 
 def main() -> None:
@@ -33,10 +33,10 @@ def main() -> None:
     model, _ = load_model("demo", args.dtype)
     model.to(args.device)
     tokens = torch.randint(0, model.config.vocab_size, (1, args.seqlen), generator=torch.Generator().manual_seed(0))
-    cache = capture_block_inputs(model, tokens, storage=args.device)
+    cache = capture_block_inputs(model, tokens, device=args.device)
     block = decoder_blocks(model)[args.block]
-    kwargs = cache.block_kwargs[args.block]
-    x = cache.inputs[:1]
+    kwargs = kwargs_to(cache.block_kwargs[args.block], args.device)
+    x = cache.inputs[:1].to(args.device)
 
     def floor_step():
         inputs = x.detach().requires_grad_(True)
@@ -46,15 +46,10 @@ def main() -> None:
 
     floor = seconds_per_call(floor_step, args.repeats, args.device, warmup=2)
 
-    linears = prunable_linears(block)
-    stats = {name: InputStatistics(linear) for name, linear in linears.items()}
-    with torch.no_grad():
-        target = block(x, **kwargs)
-        target = target[0] if isinstance(target, tuple) else target
-    for stat in stats.values():
-        stat.remove()
-    ranks = {name: row_ranks(importance_scores("wanda", linears[name].weight, stats[name])) for name in linears}
-    besa = BESABlock(block, kwargs, ranks, candidate_rates(0.5), 0.5)
+    # The loop's own reference pass and ranking (besa_pl.importance), then the real BESABlock step.
+    target, stats = reference_pass(block, x, kwargs, args.device)
+    ranks = rank_linears(block, stats, "wanda")
+    besa = BESABlock(block, kwargs, ranks, PruneSettings())
     optimizer = besa.configure_optimizers()[0]
 
     def besa_step():

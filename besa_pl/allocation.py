@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+
 def candidate_rates(target: float, num: int = 101, grid: str = "centered") -> Tensor:
     """The candidate pruning rates p_d.
 

@@ -9,7 +9,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .allocation import SparsityAllocation, candidate_rates, exact_target_counts, prune_counts
+from .allocation import (
+    SparsityAllocation,
+    candidate_rates,
+    exact_target_counts,
+    prune_counts,
+)
 from .loss import reconstruction_loss, sparsity_penalty
 from .models import call_block, prunable_linears
 from .quant import LearnableClipQuantizer, burn_in
@@ -57,19 +62,23 @@ class BESABlock(L.LightningModule):
         """Parameter-weighted mean of the layers' expected rates: the s of the sparsity penalty."""
         return sum(share * self.allocation(name).expected_sparsity() for name, share in self.shares.items())
 
-    def objective(self, output: Tensor, target: Tensor) -> tuple[Tensor, dict[str, float]]:
-        rec = reconstruction_loss(output, target)
+    def objective(self, output: Tensor, target: Tensor, norms_squared: Tensor | None = None,
+                  ranks: int = 1) -> tuple[Tensor, dict[str, float]]:
+        """Reconstruction plus sparsity penalty. Spread over `ranks` processes, each rank's share:
+        its tokens' part of the reconstruction sum and 1/ranks of the penalty, so that the gradients
+        summed over ranks are those of the whole micro-batch."""
+        rec = reconstruction_loss(output, target, norms_squared)
         expected = self.expected_sparsity()
         s = self.settings
-        pen = sparsity_penalty(expected, s.sparsity, s.penalty_weight, s.penalty_form)
+        pen = sparsity_penalty(expected, s.sparsity, s.penalty_weight, s.penalty_form) / ranks
         loss = rec + pen
         metrics = {"loss": loss.item(), "reconstruction": rec.item(), "expected_sparsity": expected.item()}
         return loss, metrics
 
-    def training_step(self, batch, batch_idx: int = 0) -> Tensor:
+    def training_step(self, batch, batch_idx: int = 0, norms_squared: Tensor | None = None, ranks: int = 1) -> Tensor:
         inputs, targets = batch
-        loss, self.last_metrics = self.objective(self(inputs), targets)
-        if not math.isfinite(self.last_metrics["loss"]):
+        loss, self.last_metrics = self.objective(self(inputs), targets, norms_squared, ranks)
+        if ranks == 1 and not math.isfinite(self.last_metrics["loss"]):  # across ranks: see BESAPruner
             raise FloatingPointError(f"loss became {self.last_metrics['loss']} at step {batch_idx}")
         return loss
 

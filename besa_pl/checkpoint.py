@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from .atomic import atomic_file
 from .errors import BesaError
 
 FORMAT_VERSION = 2
@@ -39,8 +40,10 @@ def model_fingerprint(store) -> str:
 
 
 def result_settings(pruner, datamodule) -> dict[str, Any]:
-    """Every setting that changes the pruned model (resume refuses if one differs)."""
+    """Every setting that changes the pruned model (resume refuses if one differs), with the number
+    of ranks (it changes how the samples are split, and so the float sums)."""
     settings = dict(pruner.settings.flat())
+    settings["trainer.world_size"] = pruner.trainer.world_size
     for key in ("dataset", "nsamples", "seqlen", "seed", "batch_size"):
         settings[f"data.{key}"] = getattr(datamodule, key)
     if datamodule.dataset == "self":
@@ -56,7 +59,7 @@ def loop_state(records: list[dict], pruner, datamodule) -> dict[str, Any]:
         "block_state": pruner.trainable_state(),
         "settings": result_settings(pruner, datamodule),
         "model_fingerprint": pruner.open_source().fingerprint,
-        "calibration_fingerprint": tensor_fingerprint(datamodule.tokens),
+        "calibration_fingerprint": datamodule.fingerprint,
     }
 
 
@@ -78,7 +81,7 @@ def check_resume(checkpoint: dict[str, Any], pruner, datamodule) -> dict[str, An
     if differ:
         listed = ", ".join(f"{key}={saved.get(key)!r} in the checkpoint but {current.get(key)!r} now" for key in differ)
         raise BesaError(f"ckpt_path: settings differ from the checkpoint's: {listed}; resume with the same settings or start a new run")
-    if state.get("calibration_fingerprint") != tensor_fingerprint(datamodule.tokens):
+    if state.get("calibration_fingerprint") != datamodule.fingerprint:
         raise BesaError(
             "ckpt_path: the calibration tokens differ from the checkpoint's (another data folder, dataset file or "
             "tokenizer); resume with the same data or start a new run"
@@ -90,18 +93,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file and rename, so a crash never leaves a complete-looking file."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = str(path)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_file(path, sync=True) as tmp:
+            torch.save(checkpoint, tmp)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         if not os.path.exists(path):

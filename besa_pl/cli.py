@@ -10,19 +10,19 @@ import sys
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from rich.console import Console
 
 from . import __version__
+from .callbacks.progress import BlockProgress
+from .compat import KeepCommandLineOnResume
+from .console import console
 from .data import CalibrationDataModule
 from .errors import BesaError
-from .export import is_finished_run
+from .export import FINISHED_MARKER, is_finished_run
 from .pruner import BESAPruner
-from .runtime import complete_callbacks, complete_plugins
-
-console = Console(stderr=True)
+from .runtime import blockwise_strategy, complete_callbacks, complete_plugins, latest_checkpoint
 
 
 def parser_error_line(message: str) -> str:
@@ -51,7 +51,7 @@ class _OneLineErrorParser(LightningArgumentParser):
         raise BesaError(parser_error_line(message))
 
 
-class BesaCLI(LightningCLI):
+class BesaCLI(KeepCommandLineOnResume, LightningCLI):
     """LightningCLI with the callbacks every besa-pl run needs added to the Trainer."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -66,25 +66,29 @@ class BesaCLI(LightningCLI):
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="Prune again into a trainer.default_root_dir that holds a finished run")
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI would copy the checkpoint's hyperparameters over the command line; besa-pl
-        # instead compares them on resume and refuses a mismatch with a message naming the setting.
-        pass
-
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         root = Path(config["trainer"].get("default_root_dir") or os.getcwd())
         callbacks = complete_callbacks(config["trainer"].get("callbacks"), root)
         progress = config["trainer"].get("enable_progress_bar") is not False
         if progress and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(RichProgressBar(leave=False))
+            callbacks.append(BlockProgress())
         config["trainer"]["callbacks"] = callbacks
         config["trainer"]["plugins"] = complete_plugins(config["trainer"].get("plugins"))
+        config["trainer"]["strategy"] = blockwise_strategy(config["trainer"].get("strategy", "auto"))
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         config = self.config[self.subcommand]
         root = Path(self.trainer.default_root_dir)
+        if config.get("ckpt_path") == "last":
+            # The newer of last.ckpt (after a block) and last-interrupted.ckpt (Ctrl-C, SIGTERM).
+            latest = latest_checkpoint(root)
+            self.config_init[self.subcommand]["ckpt_path"] = latest
+            if latest is not None:
+                return
+            console.print(f"no checkpoint in {root / 'checkpoints'} yet: starting from the first block")
+            return
         if config.get("ckpt_path"):
             return
         checkpoints = root / "checkpoints"
@@ -95,8 +99,36 @@ class BesaCLI(LightningCLI):
                 f"trainer.default_root_dir={root} already holds {what}; "
                 "pass --overwrite true or choose another --trainer.default_root_dir"
             )
-        if unfinished:
-            shutil.rmtree(checkpoints)  # --overwrite: a fresh start must not find the old run's checkpoints
+        if config.get("overwrite"):  # a fresh start must find nothing of the old run
+            for name in ("checkpoints", "pruned", "packed", "pruned.partial", "packed.partial"):
+                shutil.rmtree(root / name, ignore_errors=True)
+            for name in (FINISHED_MARKER, "results.json", "allocation.png"):
+                (root / name).unlink(missing_ok=True)
+
+
+def user_error(error: BaseException | None) -> BesaError | None:
+    """The BesaError behind `error`, if any (jsonargparse re-raises errors of the classes it builds)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, BesaError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def quiet_libraries() -> None:
+    """Third-party progress bars, hub retries and info lines stay quiet unless --verbose."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and datasets' bars
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", module="lightning")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed", "lightning.pytorch",
+                 "lm_eval", "datasets", "huggingface_hub", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,21 +137,21 @@ def main(argv: list[str] | None = None) -> None:
     if verbose:
         args.remove("--verbose")
     else:
-        os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval / datasets / transformers progress bars
-        warnings.filterwarnings("ignore", module="lightning")
-        logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+        quiet_libraries()
     try:
         BesaCLI(
             BESAPruner,
             CalibrationDataModule,
             args=args,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"num_sanity_val_steps": 0, "enable_model_summary": False, "devices": 1},
+            trainer_defaults={"num_sanity_val_steps": 0, "enable_model_summary": False, "devices": 1,
+                              "use_distributed_sampler": False},
         )
-    except BesaError as error:
-        if verbose:
+    except Exception as error:
+        besa = user_error(error)  # also when jsonargparse wrapped it while building a callback
+        if besa is None or verbose:
             raise
-        console.print(f"[bold red]error:[/] {error}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] {besa}", soft_wrap=True)
         sys.exit(2)
     except SIGTERMException:
         console.print("stopped by SIGTERM; resume with --ckpt_path last")

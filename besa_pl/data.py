@@ -6,16 +6,21 @@ environment variable BESA_DATA_DIR) replaces it offline.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
+import socket
+import urllib.parse
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .errors import BesaError
+from .checkpoint import tensor_fingerprint
+from .compat import steps_done_in_epoch
+from .errors import BesaError, at_least
 from .self_calibration import SelfRecipe, self_calibration_tokens
 
 CALIBRATION_DATASETS = ("c4", "wikitext2", "ptb")
@@ -57,7 +62,23 @@ def _local_file(name: str, split: str, data_dir: Path, setting: str) -> Path:
     return path
 
 
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all: offline, the libraries would retry for a minute."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _hub(loader):
+    if not hub_reachable():
+        raise BesaError("the Hugging Face hub cannot be reached and no data folder is set; set data.data_dir (or "
+                        "BESA_DATA_DIR) to a local data folder, or calibrate with --data.dataset self")
     try:
         return loader()
     except Exception as error:  # the datasets library raises many types when offline
@@ -170,9 +191,7 @@ class ResumableSampler(Sampler[int]):
 
     def __iter__(self):
         trainer = self.datamodule.trainer
-        start = 0
-        if trainer is not None and trainer.fit_loop.restarting:
-            start = trainer.fit_loop.epoch_loop.batch_progress.current.completed * self.batch_size
+        start = steps_done_in_epoch(trainer) * self.batch_size if trainer is not None else 0
         return iter(range(start, self.size))
 
 
@@ -209,12 +228,13 @@ class CalibrationDataModule(L.LightningDataModule):
         generation: SelfRecipe = SelfRecipe(),
     ) -> None:
         super().__init__()
-        if nsamples < 1:
-            raise BesaError(f"data.nsamples={nsamples}: must be at least 1")
-        if batch_size < 1:
-            raise BesaError(f"data.batch_size={batch_size}: must be at least 1 (calibration samples per BESA step)")
-        if seqlen < 2:
-            raise BesaError(f"data.seqlen={seqlen}: must be at least 2")
+        at_least("data.nsamples", nsamples, 1)
+        at_least("data.seqlen", seqlen, 2)
+        at_least("data.batch_size", batch_size, 1)
+        if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+            raise BesaError(f"data.data_dir={data_dir}: no such folder; give a folder laid out like the README's data "
+                            "folder, or leave it unset to use the Hugging Face hub")
+        generation.check()
         self.dataset = dataset
         self.nsamples = nsamples
         self.seqlen = seqlen
@@ -223,6 +243,7 @@ class CalibrationDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.generation = generation
         self.tokens: torch.Tensor | None = None
+        self.fingerprint: str | None = None
         self.used_documents: set[int] | None = None
         self.source = ""
 
@@ -235,15 +256,26 @@ class CalibrationDataModule(L.LightningDataModule):
         limit = pruner.context_length()
         if limit is not None and self.seqlen > limit:
             raise BesaError(f"data.seqlen={self.seqlen} is longer than the model's context ({limit} tokens); lower data.seqlen")
+        ranks = self.trainer.world_size
+        if self.nsamples % ranks:
+            raise BesaError(f"data.nsamples={self.nsamples} does not split over {ranks} ranks; use a multiple of {ranks}")
         if self.dataset == "self":
             device = self.trainer.strategy.root_device
-            self.tokens, self.source = self_calibration_tokens(pruner.open_source(), self.nsamples, self.seqlen,
-                                                               self.seed, self.generation, device)
-            return
-        self.used_documents = set()
-        self.tokens, self.source = calibration_tokens(
-            self.dataset, pruner.tokenizer, self.nsamples, self.seqlen, self.seed, self.data_dir, self.used_documents
-        )
+            if self.trainer.global_rank != 0:  # rank 0 writes the text into the cache, the others read it
+                self.trainer.strategy.barrier("self-calibration")
+            tokens, self.source = self_calibration_tokens(pruner.open_source(), self.nsamples, self.seqlen,
+                                                          self.seed, self.generation, device)
+            if self.trainer.global_rank == 0:
+                self.trainer.strategy.barrier("self-calibration")
+        else:
+            self.used_documents = set()
+            tokens, self.source = calibration_tokens(
+                self.dataset, pruner.tokenizer, self.nsamples, self.seqlen, self.seed, self.data_dir, self.used_documents
+            )
+        self.fingerprint = tensor_fingerprint(tokens)  # of all ranks' samples
+        # Under DDP each rank keeps every ranks-th sample: rank r's step k is sample k * ranks + r, as
+        # in one process with ranks times the micro-batch.
+        self.tokens = tokens[self.trainer.global_rank :: ranks]
 
     def heldout_text(self, tokenizer) -> tuple[str, str]:
         """The calibration source's documents that calibration did not draw, joined with a space (as
@@ -260,7 +292,6 @@ class CalibrationDataModule(L.LightningDataModule):
         return " ".join(kept), f"{source} without the {len(self.used_documents)} calibration documents"
 
     def train_dataloader(self) -> DataLoader:
-        return ResumableLoader(
-            list(range(self.nsamples)), batch_size=self.batch_size,
-            sampler=ResumableSampler(self.nsamples, self, self.batch_size),
-        )
+        count = self.tokens.shape[0]  # this rank's share
+        return ResumableLoader(list(range(count)), batch_size=self.batch_size,
+                               sampler=ResumableSampler(count, self, self.batch_size))

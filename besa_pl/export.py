@@ -1,21 +1,11 @@
-"""sparsity.json (the marker of a finished run) and atomic JSON writing."""
+"""sparsity.json: what was pruned where; its presence marks a finished run."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 FINISHED_MARKER = "sparsity.json"
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
 
 
 def sparsity_report(records: list[dict], settings) -> dict[str, Any]:

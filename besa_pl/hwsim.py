@@ -36,7 +36,7 @@ class Cycles:
     dense_columns: int
 
 
-def _split_cycles(col_nnz: Tensor, rows: int, theta: float, acc: Accelerator) -> tuple[Cycles, float]:
+def split_cycles(col_nnz: Tensor, rows: int, theta: float, acc: Accelerator) -> tuple[Cycles, float]:
     """Cycles for one threshold; also the dense engine's share of the kept weights."""
     dense = col_nnz > theta * rows
     n_dense = int(dense.sum())
@@ -65,7 +65,7 @@ def patch_cycles(col_nnz: Tensor, rows: int, acc: Accelerator) -> Cycles:
     best: Cycles | None = None
     low, high = acc.dense_share_band
     for _ in range(acc.tries):
-        cycles, share = _split_cycles(col_nnz, rows, theta, acc)
+        cycles, share = split_cycles(col_nnz, rows, theta, acc)
         if best is None or cycles.cycles < best.cycles:
             best = cycles
         if low <= share <= high:

@@ -42,6 +42,15 @@ class InputStatistics:
     def remove(self) -> None:
         self._handle.remove()
 
+    def combine_ranks(self) -> None:
+        """Under DDP: the statistics over every rank's samples (unchanged on one process)."""
+        from .distributed import mean_over_ranks
+
+        count = self.samples
+        self.col_sq, self.samples = mean_over_ranks(self.col_sq, count)
+        if self.hessian is not None:
+            self.hessian, _ = mean_over_ranks(self.hessian, count)
+
 
 def magnitude_scores(weight: Tensor) -> Tensor:
     return weight.detach().float().abs()
@@ -103,3 +112,29 @@ def importance_scores(metric: str, weight: Tensor, stats: InputStatistics) -> Te
             raise ValueError("sparsegpt importance needs InputStatistics(gram=True)")
         return sparsegpt_scores(weight, stats.hessian)
     raise ValueError(f"unknown importance metric {metric!r}")
+
+
+@torch.no_grad()
+def reference_pass(block: nn.Module, inputs: Tensor, kwargs: dict, device, gram: bool = False):
+    """The dense block on the current inputs: its outputs, and every linear's input statistics."""
+    from .activations import run_block
+    from .models import prunable_linears
+
+    linears = prunable_linears(block)
+    stats = {name: InputStatistics(linear, gram=gram) for name, linear in linears.items()}
+    try:
+        outputs = run_block(block, inputs, kwargs, device)
+    finally:
+        for stat in stats.values():
+            stat.remove()
+    for stat in stats.values():
+        stat.combine_ranks()
+    return outputs, stats
+
+
+def rank_linears(block: nn.Module, stats: dict[str, InputStatistics], metric: str) -> dict[str, Tensor]:
+    """Per-row ranks of every linear's weights under `metric`, from the reference pass's statistics."""
+    from .models import prunable_linears
+
+    return {name: row_ranks(importance_scores(metric, linear.weight, stats[name]))
+            for name, linear in prunable_linears(block).items()}

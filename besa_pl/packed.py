@@ -62,8 +62,8 @@ class PackedWriter:
     """Writes the packed folder block by block next to the pruned one (a shard per block, then the
     rest of the model in fp16), renamed into place only when complete."""
 
-    def __init__(self, folder: str | Path, shards: int, quant, fresh: bool = True) -> None:
-        self.shards = ShardWriter(folder, shards, fresh)
+    def __init__(self, folder: str | Path, shards: int, quant, fresh: bool = True, enabled: bool = True) -> None:
+        self.shards = ShardWriter(folder, shards, fresh, enabled)
         self.quant = quant
         self.layers: dict[str, list[int]] = {}
 

@@ -8,6 +8,7 @@ Lightning moves between devices. The walk over the blocks is `callbacks/blockwis
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import lightning as L
@@ -15,10 +16,23 @@ import torch
 
 from .activations import ActivationCache
 from .block import BESABlock
+from .distributed import all_reduce_gradients, all_reduce_sum_, world_size
 from .errors import BesaError
+from .loss import channel_norms_squared
 from .quant import QuantConfig
-from .settings import (CandidateGrid, DType, Granularity, Importance, Method, OptimizerName, PenaltyForm,
-                       PruneSettings, Reconstruct, Reference, TargetMode)
+from .settings import (
+    CandidateGrid,
+    DType,
+    Granularity,
+    Importance,
+    Method,
+    OptimizerName,
+    PenaltyForm,
+    PruneSettings,
+    Reconstruct,
+    Reference,
+    TargetMode,
+)
 from .source import ModelSource
 
 log = logging.getLogger("besa_pl")
@@ -159,8 +173,15 @@ class BESAPruner(L.LightningModule):
         dtype = next(self.current.block.parameters()).dtype
         inputs = self.cache.inputs[indices].to(self.device, dtype, non_blocking=True)
         targets = self.cache.targets[indices].to(self.device, non_blocking=True)
+        ranks = world_size()
+        # Under DDP a micro-batch is every rank's samples: its channel norms are summed over ranks.
+        norms = all_reduce_sum_(channel_norms_squared(targets)) if ranks > 1 else None
         try:
-            loss = self.current.training_step((inputs, targets), batch_idx)
+            loss = self.current.training_step((inputs, targets), batch_idx, norms, ranks)
+            if ranks > 1:  # the same loss, and the same stop on a NaN, on every rank
+                self.current.last_metrics["loss"] = float(all_reduce_sum_(loss.detach().clone()))
+                if not math.isfinite(self.current.last_metrics["loss"]):
+                    raise FloatingPointError(f"loss became {self.current.last_metrics['loss']} at step {batch_idx}")
         except FloatingPointError as error:
             raise BesaError(
                 f"block {self.block_index}: {error}; the checkpoint of the last finished block is kept. "
@@ -169,6 +190,7 @@ class BESAPruner(L.LightningModule):
         for optimizer in self.block_optimizers:
             optimizer.zero_grad()
         self.manual_backward(loss)
+        all_reduce_gradients([p for p in self.current.parameters() if p.requires_grad])
         for optimizer in self.block_optimizers:
             # Through the strategy, so the precision plugin unscales fp16 gradients first.
             self.trainer.strategy.optimizer_step(optimizer, closure=lambda: None, model=self)

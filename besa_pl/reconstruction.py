@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .distributed import mean_over_ranks
 from .models import call_block, prunable_linears
 from .obs import CountSelect, QuantGrid, least_squares_start, obs_sweep
 
@@ -129,6 +130,9 @@ def reconstruct_block(
                 tokens = total
         finally:
             recorder.remove()
+        hessian, _ = mean_over_ranks(hessian, tokens)
+        if cross is not None:
+            cross, _ = mean_over_ranks(cross, tokens)
         if cross is not None and torch.equal(cross, hessian):
             cross = None  # same inputs on both paths (the first group): SparseGPT's own update
         for name in group:

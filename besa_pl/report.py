@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .export import write_json_atomic
+from .atomic import write_json_atomic
 
 
 def result_rows(results: dict[str, Any]) -> list[tuple[str, str]]:

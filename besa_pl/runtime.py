@@ -9,6 +9,7 @@ from lightning.pytorch import Callback
 
 from .callbacks import BlockCheckpoint, BlockwiseLoop, SaveOnInterrupt
 from .checkpoint import AtomicCheckpointIO
+from .errors import BesaError
 
 
 def required_callbacks(root: str | Path) -> list[Callback]:
@@ -25,6 +26,31 @@ def complete_callbacks(callbacks, root: str | Path) -> list[Callback]:
     return callbacks + required_callbacks(root)
 
 
+def blockwise_strategy(strategy):
+    """Lightning's "ddp" (or a DDPStrategy) becomes BlockwiseDDPStrategy, with the same settings."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from .distributed import BlockwiseDDPStrategy
+
+    if isinstance(strategy, str) and strategy in ("ddp", "besa_ddp"):
+        return BlockwiseDDPStrategy()
+    if isinstance(strategy, DDPStrategy) and not isinstance(strategy, BlockwiseDDPStrategy):
+        raise BesaError(f"trainer.strategy={type(strategy).__name__}: give the name ddp (or a "
+                        "besa_pl.distributed.BlockwiseDDPStrategy), which prunes data-parallel")
+    if isinstance(strategy, str) and strategy not in ("auto", "single_device"):
+        raise BesaError(f"trainer.strategy={strategy}: besa-pl runs on one device (auto) or with ddp; "
+                        "use --trainer.strategy ddp")
+    return strategy
+
+
+def latest_checkpoint(root: str | Path) -> str | None:
+    """The newer of ROOT/checkpoints/last.ckpt and last-interrupted.ckpt (what `--ckpt_path last` means),
+    or None when the run stopped before its first checkpoint."""
+    checkpoints = Path(root) / "checkpoints"
+    found = [p for p in (checkpoints / "last.ckpt", checkpoints / "last-interrupted.ckpt") if p.exists()]
+    return str(max(found, key=lambda p: p.stat().st_mtime_ns)) if found else None
+
+
 def complete_plugins(plugins) -> list:
     """The user's plugins plus atomic checkpoint writing."""
     return list(plugins or []) + [AtomicCheckpointIO()]
@@ -34,6 +60,8 @@ def make_trainer(root: str | Path, callbacks: list[Callback] = (), **trainer_kwa
     """A Trainer for BESAPruner: BlockwiseLoop first, evaluation callbacks, atomic checkpoints."""
     trainer_kwargs.setdefault("num_sanity_val_steps", 0)
     trainer_kwargs.setdefault("enable_model_summary", False)
+    trainer_kwargs.setdefault("use_distributed_sampler", False)  # each rank holds its own samples already
+    trainer_kwargs["strategy"] = blockwise_strategy(trainer_kwargs.get("strategy", "auto"))
     return L.Trainer(
         default_root_dir=str(root),
         callbacks=complete_callbacks(callbacks, root),

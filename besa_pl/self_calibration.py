@@ -19,14 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from rich.progress import Progress
 
-from .errors import BesaError
+from .atomic import atomic_file
+from .errors import BesaError, at_least
 
 # Common English function words (a subset of spaCy's English stop words, which the paper uses).
 FIRST_WORDS = ("the", "a", "an", "in", "on", "at", "of", "to", "for", "with", "by", "from", "as", "and", "but",
@@ -53,8 +53,8 @@ class SelfRecipe:
         if not 0 <= self.filter_fraction < 1:
             raise BesaError(f"data.generation.filter_fraction={self.filter_fraction}: must be in [0, 1) (0.2 drops the 20% "
                             "of samples with the highest perplexity)")
-        if self.batch_size < 1:
-            raise BesaError(f"data.generation.batch_size={self.batch_size}: must be at least 1")
+        at_least("data.generation.batch_size", self.batch_size, 1)
+        at_least("data.generation.schedule_steps", self.schedule_steps, 1)
 
 
 def first_word_ids(tokenizer) -> list[int]:
@@ -159,8 +159,6 @@ def self_calibration_tokens(source, nsamples: int, seqlen: int, seed: int, recip
     if count > nsamples:  # keep the nsamples of lowest perplexity
         keep = torch.argsort(sample_perplexities(model, samples, device, recipe.batch_size), stable=True)[:nsamples]
         samples = samples[keep.sort().values]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(samples, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(samples, tmp)
     return samples, described

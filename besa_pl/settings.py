@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from .errors import BesaError
+from .errors import BesaError, at_least, positive
 from .quant import SUPPORTED_BITS, QuantConfig
 
 Method = Literal["besa", "wanda", "sparsegpt", "magnitude", "dense"]
@@ -75,14 +75,11 @@ class PruneSettings:
                 raise BesaError(f"model.{name}={value}: unknown value; use one of {shown}")
         if not 0.0 < self.sparsity < 1.0:
             raise BesaError(f"model.sparsity={self.sparsity}: must be strictly between 0 and 1 (e.g. 0.5)")
-        for name, low in (("num_candidates", 2), ("epochs_per_block", 1)):
-            if getattr(self, name) < low:
-                raise BesaError(f"model.{name}={getattr(self, name)}: must be at least {low}")
+        at_least("model.num_candidates", self.num_candidates, 2)
+        at_least("model.epochs_per_block", self.epochs_per_block, 1)
         for name in ("smoothing_scale", "lr", "d_coef"):
-            if not getattr(self, name) > 0:
-                raise BesaError(f"model.{name}={getattr(self, name)}: must be positive")
-        if self.penalty_weight < 0:
-            raise BesaError(f"model.penalty_weight={self.penalty_weight}: must be zero or positive")
+            positive(f"model.{name}", getattr(self, name))
+        at_least("model.penalty_weight", self.penalty_weight, 0)
         if self.method == "besa" and self.smoothing:
             from .allocation import candidate_rates, smoothing_band
 
@@ -99,10 +96,8 @@ class PruneSettings:
         quant = self.quant
         if quant.enabled and quant.bits not in SUPPORTED_BITS:
             raise BesaError(f"model.quant.bits={quant.bits}: use one of {', '.join(map(str, SUPPORTED_BITS))}")
-        if quant.group_size is not None and quant.group_size < 1:
-            raise BesaError(f"model.quant.group_size={quant.group_size}: must be a positive number of input columns")
-        if quant.clip_lr <= 0:
-            raise BesaError(f"model.quant.clip_lr={quant.clip_lr}: must be positive")
+        at_least("model.quant.group_size", quant.group_size, 1)
+        positive("model.quant.clip_lr", quant.clip_lr)
 
     @property
     def nm(self) -> tuple[int, int] | None:

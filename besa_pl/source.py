@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from .errors import BesaError
-from .models import decoder_blocks, freeze, load_tokenizer, model_folder, prunable_linears, torch_dtype
+from .models import (
+    decoder_blocks,
+    freeze,
+    load_tokenizer,
+    model_folder,
+    prunable_linears,
+    torch_dtype,
+)
 from .settings import PruneSettings
 from .weights import WeightStore, build_skeleton, materialize, module_prefix, release
 

@@ -9,7 +9,6 @@ memory-mapped, so reading a block touches only its bytes.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from .atomic import atomic_file, swap_folder
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -153,13 +154,15 @@ class ShardWriter:
     is written to a temporary name and renamed, so a shard that exists is complete.
     """
 
-    def __init__(self, folder: str | Path, shards: int, fresh: bool = True) -> None:
+    def __init__(self, folder: str | Path, shards: int, fresh: bool = True, enabled: bool = True) -> None:
         self.folder = Path(folder)
         self.staging = self.folder.with_name(self.folder.name + ".partial")
         self.shards = shards
-        if fresh and self.staging.exists():
+        self.enabled = enabled  # under DDP only rank 0 writes
+        if enabled and fresh and self.staging.exists():
             shutil.rmtree(self.staging)
-        self.staging.mkdir(parents=True, exist_ok=True)
+        if enabled:
+            self.staging.mkdir(parents=True, exist_ok=True)
 
     def shard_name(self, index: int) -> str:
         return f"model-{index + 1:05d}-of-{self.shards:05d}.safetensors"
@@ -169,13 +172,16 @@ class ShardWriter:
 
     def write(self, index: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
         path = self.shard_path(index)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata=metadata or {"format": "pt"})
-        os.replace(tmp, path)
+        if not self.enabled:
+            return path
+        with atomic_file(path) as tmp:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata=metadata or {"format": "pt"})
         return path
 
     def finish(self, config, tokenizer, extra_files: dict[str, str] | None = None) -> Path:
+        if not self.enabled:
+            return self.folder
         weight_map, total = {}, 0
         for index in range(self.shards):
             path = self.shard_path(index)
@@ -192,7 +198,7 @@ class ShardWriter:
             tokenizer.save_pretrained(self.staging)
         for name, text in (extra_files or {}).items():
             (self.staging / name).write_text(text)
-        swap_into_place(self.staging, self.folder)
+        swap_folder(self.staging, self.folder)
         return self.folder
 
 
@@ -204,14 +210,3 @@ def _numel(shape) -> int:
 
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def swap_into_place(staging: Path, folder: Path) -> None:
-    """Rename a complete staging folder to `folder`, replacing an older one."""
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        os.replace(folder, old)
-        os.replace(staging, folder)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, folder)

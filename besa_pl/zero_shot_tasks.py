@@ -61,10 +61,9 @@ EVAL_SPLIT = {"piqa": "validation", "boolq": "validation", "hellaswag": "validat
 
 
 def registered_config(task_manager, name: str) -> dict[str, Any]:
-    from lm_eval.tasks._yaml_loader import load_yaml
+    from .compat import lm_eval_task_config
 
-    entry = task_manager.task_index[name]
-    return dict(load_yaml(entry.yaml_path, resolve_func=True))
+    return lm_eval_task_config(task_manager.task_index[name].yaml_path)
 
 
 def local_task_configs(task_manager, tasks: list[str], folder: Path) -> tuple[list[dict], dict[str, str]]:

@@ -26,21 +26,93 @@ def assert_nothing_finished(root):
     assert not (root / "pruned").exists()
 
 
-@pytest.mark.parametrize(
-    "extra,expected",
-    [
-        (["--model.sparsity", "1.2"], "model.sparsity=1.2: must be strictly between 0 and 1"),
-        (["--model.sparsity", "0"], "model.sparsity=0.0: must be strictly between 0 and 1"),
-        (["--data.seqlen", "1024"], "data.seqlen=1024 is longer than the model's context (512 tokens)"),
-        (["--data.nsamples", "0"], "data.nsamples=0: must be at least 1"),
-        (["--model.method", "prune-it"], "model.method=prune-it: unknown value; use one of besa, wanda"),
-        (["--model.granularity", "column"], "model.granularity=column: unknown value; use one of row, layer"),
-        (["--model.sparsity", "0.8", "--model.candidate_grid", "uniform"], "outside [0.376, 0.624]"),
-    ],
-)
+def callback_config(tmp_path, class_name: str, init_args: str) -> list[str]:
+    path = tmp_path / "callback.yaml"
+    path.write_text(f"trainer:\n  callbacks:\n    - class_path: besa_pl.callbacks.{class_name}\n"
+                    f"      init_args: {init_args}\n")
+    return ["--config", str(path)]
+
+
+# Every setting, each with an invalid value, and the line it must end with.
+BAD_SETTINGS = [
+    (["--model.method", "prune-it"], "model.method=prune-it: unknown value; use one of besa, wanda"),
+    (["--model.sparsity", "1.2"], "model.sparsity=1.2: must be strictly between 0 and 1"),
+    (["--model.sparsity", "0"], "model.sparsity=0.0: must be strictly between 0 and 1"),
+    (["--model.sparsity", "half"], "model.sparsity=half: expected float"),
+    (["--model.granularity", "column"], "model.granularity=column: unknown value; use one of row, layer"),
+    (["--model.structure", "2-4", "--model.method", "wanda"], "model.structure=2-4: write N:M"),
+    (["--model.structure", "4:2", "--model.method", "wanda"], "model.structure=4:2: write N:M with 0 < N < M"),
+    (["--model.structure", "2:4"], "N:M sparsity works with --model.method magnitude, wanda or sparsegpt, not besa"),
+    (["--model.structure", "3:7", "--model.method", "wanda"], "not a multiple of 7"),
+    (["--model.importance", "random"], "model.importance=random: unknown value; use one of wanda, magnitude, sparsegpt"),
+    (["--model.smoothing", "maybe"], "model.smoothing=maybe: expected bool"),
+    (["--model.smoothing_scale", "0"], "model.smoothing_scale=0.0: must be positive"),
+    (["--model.candidate_grid", "log"], "model.candidate_grid=log: unknown value; use one of centered, uniform"),
+    (["--model.sparsity", "0.8", "--model.candidate_grid", "uniform"], "outside [0.376, 0.624]"),
+    (["--model.num_candidates", "1"], "model.num_candidates=1: must be at least 2"),
+    (["--model.penalty_weight", "-1"], "model.penalty_weight=-1.0: must be at least 0"),
+    (["--model.penalty_form", "squared"], "model.penalty_form=squared: unknown value; use one of relative, absolute"),
+    (["--model.target_mode", "dense"], "model.target_mode=dense: unknown value; use one of pruned_input, dense_trajectory"),
+    (["--model.optimizer", "sgd"], "model.optimizer=sgd: unknown value; use one of prodigy, adamw"),
+    (["--model.lr", "0"], "model.lr=0.0: must be positive"),
+    (["--model.d_coef", "-5"], "model.d_coef=-5.0: must be positive"),
+    (["--model.epochs_per_block", "0"], "model.epochs_per_block=0: must be at least 1"),
+    (["--model.dtype", "int8"], "model.dtype=int8: unknown value; use one of float32, bfloat16, float16"),
+    (["--model.activation_dtype", "fp8"], "model.activation_dtype=fp8: unknown value; use one of float32"),
+    (["--model.quant.bits", "5"], "model.quant.bits=5: use one of 2, 3, 4, 8"),
+    (["--model.quant.group_size", "0", "--model.quant.bits", "4"], "model.quant.group_size=0: must be at least 1"),
+    (["--model.quant.group_size", "48", "--model.quant.bits", "4"], "model.quant.group_size=48 does not divide"),
+    (["--model.quant.clip_lr", "0", "--model.quant.bits", "4"], "model.quant.clip_lr=0.0: must be positive"),
+    (["--model.exact_sparsity", "perhaps"], "model.exact_sparsity=perhaps: expected bool"),
+    (["--model.reconstruct", "sgd"], "model.reconstruct=sgd: unknown value; use one of none, obs, obs_select"),
+    (["--model.reconstruct_reference", "block"], "model.reconstruct_reference=block: unknown value; use one of layer"),
+    (["--data.nsamples", "0"], "data.nsamples=0: must be at least 1"),
+    (["--data.seqlen", "1"], "data.seqlen=1: must be at least 2"),
+    (["--data.seqlen", "1024"], "data.seqlen=1024 is longer than the model's context (512 tokens)"),
+    (["--data.seed", "zero"], "data.seed=zero: expected int"),
+    (["--data.batch_size", "0"], "data.batch_size=0: must be at least 1"),
+    (["--data.data_dir", "/no/such/folder"], "data.data_dir=/no/such/folder: no such folder"),
+    (["--data.generation.temperature", "[0, 1]"], "data.generation.temperature=[0.0, 1.0]: both temperatures must be positive"),
+    (["--data.generation.top_p", "1.5"], "data.generation.top_p=1.5: must be in (0, 1]"),
+    (["--data.generation.filter_fraction", "1"], "data.generation.filter_fraction=1.0: must be in [0, 1)"),
+    (["--data.generation.batch_size", "0"], "data.generation.batch_size=0: must be at least 1"),
+    (["--data.generation.schedule_steps", "0"], "data.generation.schedule_steps=0: must be at least 1"),
+    (["--nonsense", "1"], "unknown setting --nonsense"),
+    (["--overwrite", "often"], "overwrite=often: expected bool"),
+]
+
+
+@pytest.mark.parametrize("extra,expected", BAD_SETTINGS, ids=[" ".join(extra) for extra, _ in BAD_SETTINGS])
 def test_bad_settings(extra, expected, tiny_model_dir, calibration_text, tmp_path, capsys):
     line = run_failing(fit_args(tiny_model_dir("llama"), calibration_text, tmp_path, *extra), capsys)
-    assert expected in line
+    assert expected in line, line
+    assert_nothing_finished(tmp_path)
+
+
+BAD_CALLBACK_ARGS = [
+    ("PerplexityEval", "{datasets: [wikitext103]}", "PerplexityEval.datasets: unknown dataset 'wikitext103'"),
+    ("PerplexityEval", "{seqlen: 1}", "PerplexityEval.seqlen=1: must be at least 2"),
+    ("PerplexityEval", "{seqlen: 4096}", "PerplexityEval.seqlen=4096 is longer than the model's context (512)"),
+    ("PerplexityEval", "{batch_size: 0}", "PerplexityEval.batch_size=0: must be at least 1"),
+    ("PerplexityEval", "{max_windows: 0}", "PerplexityEval.max_windows=0: must be at least 1"),
+    ("ZeroShotEval", "{tasks: [mmlu]}", "ZeroShotEval.tasks: unknown task(s) mmlu"),
+    ("ZeroShotEval", "{limit: 0}", "ZeroShotEval.limit=0: must be at least 1"),
+    ("ZeroShotEval", "{batch_size: 0}", "ZeroShotEval.batch_size=0: must be at least 1"),
+    ("ZeroShotEval", "{max_length: 4}", "ZeroShotEval.max_length=4: must be at least 16"),
+    ("HardwareSimulation", "{pe_rows: 0}", "HardwareSimulation.pe_rows=0: must be at least 1"),
+    ("HardwareSimulation", "{pe_cols: 1}", "HardwareSimulation.pe_cols=1: must be at least 2"),
+    ("HardwareSimulation", "{theta: 1.5}", "HardwareSimulation.theta=1.5: must be between 0 and 1"),
+    ("HardwareSimulation", "{theta_step: 0}", "HardwareSimulation.theta_step=0.0: must be positive"),
+    ("HardwareSimulation", "{tries: 0}", "HardwareSimulation.tries=0: must be at least 1"),
+    ("HardwareSimulation", "{latency_seqlen: 0}", "HardwareSimulation.latency_seqlen=0: must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("name,init_args,expected", BAD_CALLBACK_ARGS, ids=[f"{n} {a}" for n, a, _ in BAD_CALLBACK_ARGS])
+def test_bad_evaluation_settings(name, init_args, expected, tiny_model_dir, calibration_text, tmp_path, capsys):
+    args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path)
+    line = run_failing(["fit", *callback_config(tmp_path, name, init_args), *args[1:]], capsys)
+    assert expected in line, line
     assert_nothing_finished(tmp_path)
 
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-
 from .conftest import REPO, fit_args, run_cli, saved_weights
 
 
@@ -229,3 +228,17 @@ def test_a_fresh_fit_never_resumes_silently(tiny_model_dir, calibration_text, tm
     run_cli(args + ["--overwrite", "true"])
     assert "resuming" not in " ".join(capsys.readouterr().err.split())
     assert (tmp_path / "sparsity.json").exists()
+
+
+@pytest.mark.parametrize("block,batch", [(0, None), (1, 2)], ids=["after block 0", "inside block 1"])
+def test_resume_with_reconstruction_gives_the_same_weights(block, batch, tiny_model_dir, calibration_text, tmp_path):
+    extra = ["--model.reconstruct", "obs", "--model.target_mode", "dense_trajectory"]
+    straight = tmp_path / "straight"
+    run_cli(fit_args(tiny_model_dir("llama"), calibration_text, straight, *extra))
+    args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path / "resumed", *extra)
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "--config", interrupt_config(tmp_path, block, batch), *args[1:]])
+    run_cli(args + ["--ckpt_path", "last"])
+    expected, resumed = saved_weights(straight / "pruned"), saved_weights(tmp_path / "resumed" / "pruned")
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(resumed[name], tensor) for name, tensor in expected.items())

@@ -27,24 +27,25 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from rich.console import Console
 
 from ..activations import capture_block_inputs, run_block
+from ..atomic import write_json_atomic
 from ..baselines import check_shapes, prune_linear
 from ..block import BESABlock
 from ..checkpoint import check_resume, loop_state
+from ..compat import steps_done_in_epoch
+from ..console import console
 from ..errors import BesaError
-from ..export import FINISHED_MARKER, sparsity_report, write_json_atomic
-from ..importance import InputStatistics, importance_scores, row_ranks
+from ..export import FINISHED_MARKER, sparsity_report
+from ..importance import rank_linears, reference_pass
 from ..models import prunable_linears, torch_dtype
 from ..obs import QuantGrid
 from ..packed import PackedWriter
+from ..plots import save_allocation_plot
 from ..quant import burn_in, rtn_params
 from ..reconstruction import reconstruct_block
 from ..report import report
 from ..weights import ShardWriter, WeightStore
-
-console = Console(stderr=True)
 
 
 class BlockwiseLoop(Callback):
@@ -122,9 +123,10 @@ class BlockwiseLoop(Callback):
                                             device="cpu", pin=device.type == "cuda")
         resume = self._resume
         self._resume = None
-        self.writer = ShardWriter(root / "pruned", source.num_blocks + 1, fresh=resume is None)
-        self.packed = PackedWriter(root / "packed", source.num_blocks + 1, s.quant, fresh=resume is None) \
-            if s.quant.enabled else None
+        main = trainer.is_global_zero  # under DDP rank 0 writes, the others read
+        self.writer = ShardWriter(root / "pruned", source.num_blocks + 1, fresh=resume is None, enabled=main)
+        self.packed = PackedWriter(root / "packed", source.num_blocks + 1, s.quant, fresh=resume is None,
+                                   enabled=main) if s.quant.enabled else None
         self.records = []
         pruner.block_index = 0
         self._pending_state = None
@@ -154,7 +156,7 @@ class BlockwiseLoop(Callback):
             source.release_block(index)
         pruner.block_index = len(self.records)
         self._pending_state = resume["block_state"]
-        step = trainer.fit_loop.epoch_loop.batch_progress.current.completed  # compat: see compat.py
+        step = steps_done_in_epoch(trainer)
         step = step if step < trainer.num_training_batches else 0
         console.print(f"resuming at block {pruner.block_index + 1}/{source.num_blocks} (a checkpoint taken {step} steps into it)")
 
@@ -170,17 +172,12 @@ class BlockwiseLoop(Callback):
         self._block = {"dense": {n: lin.weight.detach().clone() for n, lin in linears.items()}
                        if s.reconstruct != "none" else None, "masks": {}, "qparams": {}, "clipping": None,
                        "started": time.perf_counter()}
-        stats = {name: InputStatistics(linear, gram=s.needs_hessian) for name, linear in linears.items()}
-        try:
-            outputs = run_block(block, cache.inputs, kwargs, device)
-        finally:
-            for stat in stats.values():
-                stat.remove()
+        outputs, stats = reference_pass(block, cache.inputs, kwargs, device, gram=s.needs_hessian)
         if s.dense_trajectory:  # the target is the dense model's own activation (also the next X_fp)
             outputs = run_block(block, cache.dense_inputs, kwargs, device)
         cache.targets = outputs if s.method == "besa" or s.dense_trajectory else None
         if s.method == "besa":
-            ranks = {name: row_ranks(importance_scores(s.importance, linears[name].weight, stats[name])) for name in linears}
+            ranks = rank_linears(block, stats, s.importance)
             state, self._pending_state = self._pending_state, None
             pruner.begin_training(BESABlock(block, kwargs_on(kwargs, device), ranks, s), state)
         else:
@@ -234,7 +231,7 @@ class BlockwiseLoop(Callback):
         shard = self.writer.write(index, prefixed(block.state_dict(), source.block_prefix(index)))
         if self.packed is not None:
             self.packed.write_block(index, block, source.block_prefix(index), work["masks"], work["qparams"])
-        record = block_record(index, block, work["masks"], expected, loss, learned, shard)
+        record = block_record(index, block, expected, loss, learned, shard, digest=trainer.is_global_zero)
         source.release_block(index)
         self.records.append(record)
         self._block = {}
@@ -247,7 +244,14 @@ class BlockwiseLoop(Callback):
         pruner.log("block_realised_sparsity", record["realised_sparsity"], on_epoch=True)
 
     def finish(self, trainer, pruner) -> None:
-        """Write the rest of the model, then rename the folder into place; sparsity.json marks the end."""
+        """Write the rest of the model and rename the folder into place (rank 0); the others wait."""
+        if trainer.is_global_zero:
+            self.write_outputs(trainer, pruner)
+        trainer.strategy.barrier("pruned folder written")
+        self._finished = trainer.is_global_zero
+
+    def write_outputs(self, trainer, pruner) -> None:
+        """The outer shard, the index and the rename; packed/, allocation.png; sparsity.json marks the end."""
         s, source = pruner.settings, pruner.open_source()
         root = Path(trainer.default_root_dir)
         pruner.results["method"] = s.method
@@ -255,9 +259,8 @@ class BlockwiseLoop(Callback):
         pruner.results["settings"] = {k.removeprefix("model."): v for k, v in s.flat().items()}
         if not s.pruning:
             pruner.results["realised_sparsity"] = 0.0
-            self._finished = True
             return
-        outer = {name: tensor for name, tensor in source.outer_tensors().items()}
+        outer = dict(source.outer_tensors())
         self.writer.write(source.num_blocks, outer)
         self.writer.finish(source.model.config, source.tokenizer)
         console.print(f"pruned model written to {root / 'pruned'}")
@@ -268,15 +271,16 @@ class BlockwiseLoop(Callback):
                           f"fp16 would be {pruner.results['bytes']['fp16']:,})")
         sparsity = sparsity_report(self.records, s)
         pruner.results["realised_sparsity"] = sparsity["overall"]
+        plot = save_allocation_plot(self.records, root / "allocation.png", f"{s.method} {s.target:.0%}", trainer.logger)
+        console.print(f"allocation plot written to {plot}")
         write_json_atomic(root / FINISHED_MARKER, sparsity)
-        self._finished = True
 
 
 def rate_summary(rates: torch.Tensor) -> dict:
-    """A layer's learned per-row rates in brief: mean, range, and a 20-bin histogram over [0, 1]."""
+    """A layer's learned per-row rates in brief: mean, range, and a 100-bin histogram over [0, 1]."""
     rates = rates.float()
     return {"mean": float(rates.mean()), "min": float(rates.min()), "max": float(rates.max()),
-            "histogram": torch.histc(rates, bins=20, min=0.0, max=1.0).int().tolist()}
+            "histogram": torch.histc(rates, bins=100, min=0.0, max=1.0).int().tolist()}
 
 
 def kwargs_on(kwargs: dict, device) -> dict:
@@ -298,14 +302,14 @@ def file_digest(path: Path) -> str:
 
 
 @torch.no_grad()
-def block_record(index: int, block, masks, expected: float, loss: float | None, learned, shard: Path) -> dict:
+def block_record(index: int, block, expected: float, loss: float | None, learned, shard: Path, digest: bool) -> dict:
     """What sparsity.json and the checkpoint keep of a finished block (small: no weights)."""
     linears = prunable_linears(block)
     zeros = {name: int((linear.weight == 0).sum()) for name, linear in linears.items()}
     weights = sum(linear.weight.numel() for linear in linears.values())
     record = {"block": index, "expected_sparsity": expected, "realised_sparsity": sum(zeros.values()) / weights,
               "weights": weights, "layers": {name: zeros[name] / linears[name].weight.numel() for name in linears},
-              "shard": shard.name, "digest": file_digest(shard)}
+              "shard": shard.name, "digest": file_digest(shard) if digest else None}  # only rank 0 saves checkpoints
     if loss is not None:
         record["loss"] = loss
     if learned is not None:

@@ -7,14 +7,18 @@ from collections.abc import Iterable
 
 import torch
 from lightning.pytorch import Callback
-from rich.console import Console
 from rich.table import Table
 
+from ..console import console
+from ..errors import BesaError, at_least, positive
 from ..hwsim import Accelerator, dense_cycles, matrix_cycles
-from ..latency import forward_latency, is_two_four, semi_structured_latency, semi_structured_skip_reason
+from ..latency import (
+    forward_latency,
+    is_two_four,
+    semi_structured_latency,
+    semi_structured_skip_reason,
+)
 from ..models import decoder_blocks, prunable_linears
-
-console = Console(stderr=True)
 
 
 def projection_type(name: str) -> str:
@@ -64,11 +68,20 @@ class HardwareSimulation(Callback):
 
     def __init__(self, pe_rows: int = 64, pe_cols: int = 64, theta: float = 0.5, theta_step: float = 0.1,
                  tries: int = 5, measure_latency: bool = True, latency_seqlen: int = 128) -> None:
+        at_least("HardwareSimulation.pe_rows", pe_rows, 1)
+        at_least("HardwareSimulation.pe_cols", pe_cols, 2)  # a dense and a sparse engine
+        if not 0 < theta < 1:
+            raise BesaError(f"HardwareSimulation.theta={theta}: must be between 0 and 1 (the paper's 0.5)")
+        positive("HardwareSimulation.theta_step", theta_step)
+        at_least("HardwareSimulation.tries", tries, 1)
+        at_least("HardwareSimulation.latency_seqlen", latency_seqlen, 1)
         self.acc = Accelerator(pe_rows, pe_cols, theta, theta_step, tries)
         self.measure_latency = measure_latency
         self.latency_seqlen = latency_seqlen
 
     def on_fit_end(self, trainer, pruner) -> None:
+        if not trainer.is_global_zero:  # under DDP the evaluation runs once, on rank 0
+            return
         source = pruner.open_source()
         table = simulate(source.linear_weights(source.evaluation_folder(trainer)), self.acc)
         results = {"accelerator": vars(self.acc) | {"dense_share_band": list(self.acc.dense_share_band)},

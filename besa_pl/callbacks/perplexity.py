@@ -6,15 +6,13 @@ import math
 
 import torch
 from lightning.pytorch import Callback
-from rich.console import Console
 from torchmetrics.text import Perplexity
 
 from ..activations import capture_block_inputs, head_logits, run_block
+from ..console import console
 from ..data import documents
+from ..errors import BesaError, at_least
 from ..weights import WeightStore
-from ..errors import BesaError
-
-console = Console(stderr=True)
 
 PAPER_SEQLEN = 2048
 C4_DOCUMENTS = 1100
@@ -113,6 +111,9 @@ class PerplexityEval(Callback):
         for name in datasets:
             if name not in DATASETS:
                 raise BesaError(f"PerplexityEval.datasets: unknown dataset {name!r}; use {', '.join(DATASETS)}")
+        at_least("PerplexityEval.seqlen", seqlen, 2)
+        at_least("PerplexityEval.batch_size", batch_size, 1)
+        at_least("PerplexityEval.max_windows", max_windows, 1)
         self.datasets = list(datasets)
         self.seqlen = seqlen
         self.batch_size = batch_size
@@ -131,6 +132,8 @@ class PerplexityEval(Callback):
             )
 
     def on_fit_end(self, trainer, pruner) -> None:
+        if not trainer.is_global_zero:  # under DDP the evaluation runs once, on rank 0
+            return
         data_dir = self.data_dir or getattr(trainer.datamodule, "data_dir", None)
         scores, details, skipped = {}, {}, {}
         for name in self.datasets:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import logging
 
 from lightning.pytorch import Callback
-from rich.console import Console
 
-from ..data import resolve_data_dir
-from ..errors import BesaError
+from ..console import console
+from ..data import hub_reachable, resolve_data_dir
+from ..errors import BesaError, at_least
 from ..zero_shot_tasks import TASKS, local_task_configs
-
-console = Console(stderr=True)
 
 
 class ZeroShotEval(Callback):
@@ -36,6 +34,9 @@ class ZeroShotEval(Callback):
         unknown = [task for task in tasks if task not in TASKS]
         if unknown:
             raise BesaError(f"ZeroShotEval.tasks: unknown task(s) {', '.join(unknown)}; use {', '.join(TASKS)}")
+        at_least("ZeroShotEval.limit", limit, 1)
+        at_least("ZeroShotEval.batch_size", batch_size, 1)
+        at_least("ZeroShotEval.max_length", max_length, 16)
         self.tasks = list(tasks)
         self.limit = limit
         self.batch_size = batch_size
@@ -43,6 +44,8 @@ class ZeroShotEval(Callback):
         self.data_dir = data_dir
 
     def on_fit_end(self, trainer, pruner) -> None:
+        if not trainer.is_global_zero:  # under DDP the evaluation runs once, on rank 0
+            return
         logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task chatter; results are printed below
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
@@ -52,8 +55,11 @@ class ZeroShotEval(Callback):
         manager = TaskManager()
         if folder is not None:
             specs, skipped = local_task_configs(manager, self.tasks, folder)
-        else:
+        elif hub_reachable():
             specs, skipped = list(self.tasks), {}
+        else:
+            reason = "no data folder (data.data_dir / BESA_DATA_DIR) and the Hugging Face hub cannot be reached"
+            specs, skipped = [], {name: reason for name in self.tasks}
         for name, reason in skipped.items():
             console.print(f"[yellow]zero-shot {name} skipped:[/] {reason}")
         results = {"skipped": skipped, "tasks": {}, "versions": {}, "limit": self.limit}

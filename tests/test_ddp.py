@@ -1,0 +1,67 @@
+"""Pruning with Lightning's DDP on the CPU (2 processes, gloo) gives what one process gives."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from .conftest import REPO, saved_weights
+
+
+def fit(model_dir, text, root, *extra, ranks=1, expect_failure=False):
+    """`besa-pl fit` in a fresh process (Lightning's DDP launcher starts the other rank from it)."""
+    args = [sys.executable, "-m", "besa_pl.cli", "fit", "--model.pretrained", str(model_dir), "--data.dataset", str(text),
+            "--data.nsamples", "8", "--data.seqlen", "32", "--trainer.default_root_dir", str(root),
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+    if ranks > 1:
+        args += ["--trainer.devices", str(ranks), "--trainer.strategy", "ddp"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args + list(extra), capture_output=True, text=True, cwd=str(REPO), env=env, timeout=600)
+    if expect_failure:
+        assert done.returncode != 0
+    else:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def masks(root):
+    return {name: w != 0 for name, w in saved_weights(root / "pruned").items() if name.endswith("proj.weight")}
+
+
+def differing_share(a, b):
+    return sum(int((a[n] != b[n]).sum()) for n in a) / sum(t.numel() for t in a.values())
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_one_shot_methods_on_two_ranks_match_one_process(method, tiny_model_dir, calibration_text, tmp_path):
+    fit(tiny_model_dir("llama"), calibration_text, tmp_path / "one", "--model.method", method)
+    fit(tiny_model_dir("llama"), calibration_text, tmp_path / "two", "--model.method", method, ranks=2)
+    assert differing_share(masks(tmp_path / "one"), masks(tmp_path / "two")) <= 1e-5
+
+
+def test_besa_on_two_ranks_matches_one_process_with_twice_the_micro_batch(tiny_model_dir, calibration_text, tmp_path):
+    fit(tiny_model_dir("llama"), calibration_text, tmp_path / "one", "--data.batch_size", "2")
+    fit(tiny_model_dir("llama"), calibration_text, tmp_path / "two", ranks=2)
+    assert differing_share(masks(tmp_path / "one"), masks(tmp_path / "two")) <= 1e-3
+    for run in ("one", "two"):
+        assert json.loads((tmp_path / run / "sparsity.json").read_text())["overall"] == pytest.approx(0.5, abs=1e-9)
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert results["method"] == "besa"  # written once, by rank 0
+
+
+def test_resume_under_two_ranks_and_a_changed_rank_count_is_refused(tiny_model_dir, calibration_text, tmp_path):
+    fit(tiny_model_dir("llama"), calibration_text, tmp_path / "straight", ranks=2)
+    interrupt = tmp_path / "interrupt.yaml"
+    interrupt.write_text("trainer:\n  callbacks:\n    - class_path: tests.test_resume.InterruptAt\n"
+                         "      init_args: {block: 1, batch: 2}\n")
+    root = tmp_path / "resumed"
+    fit(tiny_model_dir("llama"), calibration_text, root, "--config", str(interrupt), ranks=2, expect_failure=True)
+    assert torch.load(root / "checkpoints" / "last-interrupted.ckpt", weights_only=False)["besa"]["block_index"] == 1
+    refused = fit(tiny_model_dir("llama"), calibration_text, root, "--ckpt_path", "last", expect_failure=True)
+    assert "trainer.world_size=2 in the checkpoint but 1 now" in " ".join(refused.stderr.split())
+    fit(tiny_model_dir("llama"), calibration_text, root, "--ckpt_path", "last", ranks=2)
+    expected, resumed = saved_weights(tmp_path / "straight" / "pruned"), saved_weights(root / "pruned")
+    assert all(torch.equal(resumed[name], tensor) for name, tensor in expected.items())

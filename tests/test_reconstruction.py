@@ -1,0 +1,158 @@
+"""The closed-form weight reconstruction (OBS under given masks), and that BESA really learns."""
+
+import pytest
+import torch
+from torch import nn
+
+from besa_pl.activations import capture_block_inputs, run_block
+from besa_pl.block import BESABlock
+from besa_pl.importance import InputStatistics, importance_scores, row_ranks
+from besa_pl.loss import reconstruction_loss
+from besa_pl.models import decoder_blocks, load_model, prunable_linears
+from besa_pl.obs import CountSelect, QuantGrid, least_squares_start, obs_sweep
+from besa_pl.quant import apply_params
+from besa_pl.reconstruction import reconstruct_block, sequential_groups
+from besa_pl.settings import PruneSettings
+
+from .conftest import fit_args, run_cli, saved_weights
+
+
+def correlated_inputs(n=1024, c=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, generator=g) @ torch.randn(c, c, generator=g)  # where OBS pays off
+
+
+def gram(x):
+    return x.t() @ x / x.shape[0]
+
+
+def test_obs_under_a_given_mask_lowers_the_output_error_and_keeps_the_mask():
+    x = correlated_inputs()
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    keep = torch.rand(16, 64, generator=torch.Generator().manual_seed(2)) > 0.5
+    new, kept, params = obs_sweep(weight, gram(x), keep=keep)
+    assert params is None and torch.equal(kept, keep)
+    assert torch.all(new[~keep] == 0)  # pruned entries exactly zero: the mask (and sparsity) is unchanged
+    masked_error = (x @ (weight * keep - weight).t()).pow(2).mean()
+    obs_error = (x @ (new - weight).t()).pow(2).mean()
+    assert obs_error < 0.7 * masked_error
+
+
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_joint_quantization_puts_every_kept_weight_on_its_grid(group_size):
+    x = correlated_inputs()
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    keep = torch.rand(8, 64, generator=torch.Generator().manual_seed(4)) > 0.5
+    new, kept, (scale, zero) = obs_sweep(weight, gram(x), keep=keep, grid=QuantGrid(4, group_size))
+    assert torch.all(new[~keep] == 0)
+    on_grid = apply_params(new, 4, group_size, scale, zero) * keep
+    assert torch.equal(on_grid, new)
+    levels = new.reshape(8, -1, group_size or 64)
+    assert all(len(torch.unique(g)) <= 16 + 1 for g in levels.reshape(-1, group_size or 64))
+
+
+def test_count_select_keeps_each_rows_count_per_column_block_and_picks_by_saliency():
+    x = correlated_inputs(c=256)
+    weight = torch.randn(12, 256, generator=torch.Generator().manual_seed(5))
+    keep = torch.rand(12, 256, generator=torch.Generator().manual_seed(6)) > torch.linspace(0.2, 0.8, 12).view(-1, 1)
+    new, chosen, _ = obs_sweep(weight, gram(x), select=CountSelect(keep))
+    for start in (0, 128):
+        assert torch.equal((~chosen[:, start : start + 128]).sum(1), (~keep[:, start : start + 128]).sum(1))
+    assert torch.all(new[~chosen] == 0)
+    fixed, _, _ = obs_sweep(weight, gram(x), keep=keep)
+    error = lambda w: (x @ (w - weight).t()).pow(2).mean()  # noqa: E731
+    assert error(new) < error(fixed)  # choosing where to prune during the sweep does better
+
+
+def test_least_squares_start_maps_pruned_path_inputs_to_the_reference_outputs():
+    g = torch.Generator().manual_seed(7)
+    reference = correlated_inputs(seed=8)
+    drifted = reference + 0.3 * torch.randn(reference.shape, generator=g)  # inputs after earlier pruning
+    weight = torch.randn(10, 64, generator=g)
+    start = least_squares_start(weight, gram(drifted), drifted.t() @ reference / drifted.shape[0], percdamp=1e-6)
+    target = reference @ weight.t()
+    assert (drifted @ start.t() - target).pow(2).mean() < 0.5 * (drifted @ weight.t() - target).pow(2).mean()
+
+
+@pytest.fixture(scope="module")
+def tiny_block(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir("llama")))
+    tokens = torch.randint(0, 512, (6, 48), generator=torch.Generator().manual_seed(0))
+    cache = capture_block_inputs(model, tokens)
+    block = decoder_blocks(model)[1]
+    return block, cache.inputs, cache.block_kwargs[1]
+
+
+def test_true_sequential_groups_follow_the_blocks_call_order(tiny_block):
+    block, inputs, kwargs = tiny_block
+    assert sequential_groups(block, inputs[:1], kwargs) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+@pytest.mark.parametrize("reference", ["layer", "target"])
+def test_block_reconstruction_lowers_the_block_output_error(reference, tiny_block):
+    block, inputs, kwargs = tiny_block
+    linears = prunable_linears(block)
+    dense = {name: linear.weight.detach().clone() for name, linear in linears.items()}
+    target = run_block(block, inputs, kwargs, "cpu")
+    g = torch.Generator().manual_seed(9)
+    masks = {name: torch.rand(w.shape, generator=g) > 0.5 for name, w in dense.items()}
+    try:
+        with torch.no_grad():
+            for name, linear in linears.items():
+                linear.weight.copy_(dense[name] * masks[name])
+        masked_error = reconstruction_loss(run_block(block, inputs, kwargs, "cpu"), target)
+        reconstruct_block(block, dense, dict(masks), inputs, None, kwargs, "cpu", reference)
+        rebuilt_error = reconstruction_loss(run_block(block, inputs, kwargs, "cpu"), target)
+        assert rebuilt_error < 0.8 * masked_error
+        for name, linear in linears.items():
+            assert torch.equal(linear.weight != 0, masks[name])  # exactly the given masks, so the sparsity holds
+    finally:
+        with torch.no_grad():
+            for name, linear in linears.items():
+                linear.weight.copy_(dense[name])
+
+
+def test_besa_learns_better_masks_than_its_uniform_start(tiny_block):
+    """Fails if BESA stops learning: after training, the block's output error is lower than with the
+    initial masks (every row at the target: per-row Wanda) and the rates have moved off uniform."""
+    block, inputs, kwargs = tiny_block
+    linears = prunable_linears(block)
+    stats = {name: InputStatistics(linear) for name, linear in linears.items()}
+    target = run_block(block, inputs, kwargs, "cpu")
+    for stat in stats.values():
+        stat.remove()
+    ranks = {name: row_ranks(importance_scores("wanda", linears[name].weight, stats[name])) for name in linears}
+    dense = {name: linear.weight.detach().clone() for name, linear in linears.items()}
+    besa = BESABlock(block, kwargs, ranks, PruneSettings(d_coef=20.0, smoothing_scale=3.0))
+    try:
+        with torch.no_grad():
+            initial = reconstruction_loss(besa(inputs), target)
+        (optimizer,) = besa.configure_optimizers()
+        for _ in range(6):
+            for i in range(inputs.shape[0]):
+                optimizer.zero_grad()
+                besa.training_step((inputs[i : i + 1], target[i : i + 1])).backward()
+                optimizer.step()
+        rates = besa.learned_rates()
+        with torch.no_grad():
+            learned = reconstruction_loss(besa(inputs), target)
+        assert learned < initial
+        assert any(float((r - 0.5).abs().max()) > 0.02 for r in rates.values())
+        assert abs(float(besa.expected_sparsity()) - 0.5) < 0.01
+    finally:
+        for name, linear in linears.items():
+            nn.utils.parametrize.remove_parametrizations(linear, "weight", leave_parametrized=False)
+            with torch.no_grad():
+                linear.weight.copy_(dense[name])
+
+
+@pytest.mark.parametrize("mode", ["obs", "obs_select"])
+def test_fit_with_reconstruction_reaches_the_target_exactly(mode, tiny_model_dir, calibration_text, tmp_path):
+    run_cli(fit_args(tiny_model_dir("llama"), calibration_text, tmp_path, "--model.reconstruct", mode))
+    weights = saved_weights(tmp_path / "pruned")
+    for index in range(3):
+        linears = [w for name, w in weights.items() if f"layers.{index}." in name and name.endswith("proj.weight")]
+        zeros = sum(int((w == 0).sum()) for w in linears)
+        assert zeros == round(0.5 * sum(w.numel() for w in linears))

@@ -1,0 +1,83 @@
+"""Calibration text written by the model itself, and a run that needs no data at all."""
+
+import json
+
+import pytest
+import torch
+
+from besa_pl.self_calibration import SelfRecipe, first_word_ids, self_calibration_tokens
+from besa_pl.settings import PruneSettings
+from besa_pl.source import ModelSource
+
+from .conftest import fit_args, run_cli
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BESA_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def tokens(folder, seed, recipe=SelfRecipe(batch_size=3)):
+    return self_calibration_tokens(ModelSource(str(folder), PruneSettings()), 5, 24, seed, recipe, "cpu")[0]
+
+
+def test_samples_have_the_shape_start_at_bos_and_follow_the_seed(tiny_model_dir, cache):
+    from transformers import AutoTokenizer
+
+    folder = tiny_model_dir("llama")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    first = tokens(folder, 0)
+    assert first.shape == (5, 24) and first.dtype == torch.long
+    assert torch.all(first[:, 0] == tokenizer.bos_token_id)
+    assert set(first[:, 1].tolist()) <= set(first_word_ids(tokenizer))  # the first word: a common English one
+    for path in (cache / "self-calibration").glob("*.pt"):
+        path.unlink()  # written again from scratch: the same seed gives the same text
+    assert torch.equal(tokens(folder, 0), first)
+    assert not torch.equal(tokens(folder, 1), first)
+
+
+def test_generated_tokens_are_cached_and_reused(tiny_model_dir, cache, monkeypatch):
+    folder = tiny_model_dir("llama")
+    first = tokens(folder, 0)
+    assert len(list((cache / "self-calibration").glob("*.pt"))) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("generated again instead of reading the cache")
+
+    monkeypatch.setattr("besa_pl.self_calibration.generate_samples", refuse)
+    assert torch.equal(tokens(folder, 0), first)
+
+
+def test_the_perplexity_filter_keeps_the_most_likely_samples(tiny_model_dir, cache):
+    filtered = tokens(tiny_model_dir("llama"), 0, SelfRecipe(batch_size=4, filter_fraction=0.5))
+    assert filtered.shape == (5, 24)
+
+
+def test_a_run_with_no_data_prunes_and_reports_the_evaluations_it_could_not_run(tiny_model_dir, cache, tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub, and the data folder below is empty
+    monkeypatch.delenv("BESA_DATA_DIR", raising=False)
+    (tmp_path / "empty").mkdir()
+    config = tmp_path / "evals.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n"
+        "    - class_path: besa_pl.callbacks.PerplexityEval\n      init_args: {datasets: [wikitext2]}\n"
+        "    - class_path: besa_pl.callbacks.ZeroShotEval\n      init_args: {tasks: [piqa]}\n"
+    )
+    args = fit_args(tiny_model_dir("llama"), "self", tmp_path / "run", "--data.data_dir", str(tmp_path / "empty"))
+    run_cli(["fit", "--config", str(config), *args[1:]])  # returns normally: exit code 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["realised_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert "wikitext2" in results["perplexity_skipped"] and "no wikitext2 test split" in results["perplexity_skipped"]["wikitext2"]
+    assert "piqa" in results["zero_shot"]["skipped"]
+
+
+def test_an_unreachable_calibration_source_stops_before_any_pruning(tiny_model_dir, cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("BESA_DATA_DIR", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(fit_args(tiny_model_dir("llama"), "c4", tmp_path))
+    assert stop.value.code == 2
+    assert "the Hugging Face hub cannot be reached" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "pruned.partial").exists()
