@@ -1,4 +1,4 @@
-"""Sparsity allocation (BESA_SPEC 6): candidate rates, logits -> expected rate, and the masks.
+"""Sparsity allocation (BESA paper, Sec. 3): candidate rates, logits -> expected rate, and the masks.
 
 All mask arithmetic runs in fp32 whatever the model dtype; the mask is cast to the weight
 dtype only at the multiply.

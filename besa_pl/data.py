@@ -1,6 +1,7 @@
-"""Calibration data (BESA_SPEC 3) and the evaluation corpora (BESA_SPEC 11.1).
+"""Calibration data (the SparseGPT/Wanda recipe: 128 random windows of random C4 train documents,
+seed 0) and the evaluation corpora.
 
-The hub is the default source; a data folder laid out like shared/data (`data_dir` or the
+The hub is the default source; a data folder laid out as the README describes (`data_dir` or the
 environment variable BESA_DATA_DIR) replaces it offline.
 """
 
@@ -25,7 +26,7 @@ from .self_calibration import SelfRecipe, self_calibration_tokens
 
 CALIBRATION_DATASETS = ("c4", "wikitext2", "ptb")
 
-# Files inside a data folder (see shared/data/MANIFEST.md).
+# Files inside a data folder (the layout the README describes).
 LOCAL_FILES = {
     ("c4", "train"): "c4/c4_sample.jsonl",
     ("c4", "validation"): "c4/c4_validation_2k.parquet",
@@ -292,6 +293,6 @@ class CalibrationDataModule(L.LightningDataModule):
         return " ".join(kept), f"{source} without the {len(self.used_documents)} calibration documents"
 
     def train_dataloader(self) -> DataLoader:
-        count = self.tokens.shape[0]  # this rank's share
+        count = self.tokens.shape[0] if self.tokens is not None else 0  # this rank's share (none: dense)
         return ResumableLoader(list(range(count)), batch_size=self.batch_size,
                                sampler=ResumableSampler(count, self, self.batch_size))

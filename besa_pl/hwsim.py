@@ -1,4 +1,5 @@
-"""Cycle model of a ViTCoD-style accelerator running one sparse weight matrix (BESA_SPEC 11.3).
+"""Cycle model of a ViTCoD-style accelerator running one sparse weight matrix (the BESA paper's
+simulated speed-up, after ViTCoD, You et al., HPCA 2023).
 
 A PE array (64 x 64 by default) is split into a dense engine, which computes whole "dense"
 columns including their zeros, and a sparse engine, which computes only the kept weights of

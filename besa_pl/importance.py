@@ -1,4 +1,5 @@
-"""Importance scores of weights (BESA_SPEC 5) and the per-row ranks BESA learns over.
+"""Importance scores of weights (Wanda: |W| * ||X||, Sun et al. 2024) and the per-row ranks BESA
+learns over.
 
 Input statistics are gathered with forward hooks during the reference pass of a block; the
 ranks are computed once per block and never again (weights do not change during BESA).

@@ -1,4 +1,8 @@
-"""The block objective (BESA_SPEC 7): channel-normalised reconstruction plus the sparsity penalty."""
+"""The block objective of BESA: channel-normalised reconstruction plus the sparsity penalty.
+
+As in the official code: the mean over hidden channels of each channel's relative squared error,
+plus lambda * ((s - s*) / s*)^2 (the paper writes lambda * (s - s*)^2: `penalty_form absolute`).
+"""
 
 from __future__ import annotations
 

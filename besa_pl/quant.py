@@ -1,4 +1,5 @@
-"""Weight quantization with learnable clipping (OmniQuant style), joint with BESA (BESA_SPEC 10).
+"""Weight quantization with learnable clipping (OmniQuant style), learned jointly with BESA's masks
+(the joint compression of Xu et al., ICLR 2024, arXiv 2402.16880).
 
 Per group (a whole output row, or g consecutive input columns of a row):
     gamma = sigmoid(a), delta = sigmoid(b)

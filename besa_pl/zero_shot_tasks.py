@@ -1,7 +1,7 @@
 """lm-eval task configs that read the zero-shot task files of a local data folder.
 
 Each is lm-eval's own registered config (prompt, choices, metrics, version) with only the
-dataset source swapped for a JSON file converted from shared/data's layout.
+dataset source swapped for a JSON file converted from a local data folder.
 """
 
 from __future__ import annotations

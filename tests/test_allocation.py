@@ -1,4 +1,4 @@
-"""BESA_SPEC section 15 invariants of the sparsity allocation and its masks."""
+"""Invariants of the sparsity allocation and its masks (exact counts, straight-through gradient)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Integration tests on the demo model (SmolLM2-135M-Instruct from the PyPI wheel) and shared/data."""
+"""Integration tests on the demo model (SmolLM2-135M-Instruct from the PyPI wheel) and the local data folder."""
 
 import json
 

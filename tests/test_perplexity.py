@@ -1,4 +1,4 @@
-"""Perplexity protocol details (BESA_SPEC 11.1) on a tiny model and a known token stream."""
+"""Perplexity protocol details (SparseGPT/Wanda/BESA windows) on a tiny model and a known token stream."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Joint pruning + quantization with learnable clipping (BESA_SPEC 10)."""
+"""Joint pruning + quantization with learnable clipping (BESA's joint compression)."""
 
 import json
 
