@@ -34,8 +34,9 @@ PRESETS: dict[str, dict] = {
                    "data.batch_size": 1},
     "besa-paper-exact": {"method": "besa", "reconstruct": "none", "smoothing_scale": 1.0, "data.batch_size": 1},
     # Wanda's uniform masks with the same reconstruction as the default: what the learned allocation adds.
-    "wanda-obs": {"method": "wanda", "reconstruct": "obs"},
-    # The default of besa-pl (cli.yaml): BESA allocation + reconstruction.
+    "wanda-obs": {"method": "wanda", "reconstruct": "obs_select", "reconstruct_reference": "layer"},
+    # The default of besa-pl (cli.yaml, and the code's defaults): BESA's allocation, then SparseGPT's
+    # sweep choosing within its counts.
     "besa": {"method": "besa"},
 }
 
@@ -90,7 +91,8 @@ def run_one(name: str, settings: dict, sparsity: float, args) -> dict:
 
 
 def result_path(args, name: str, sparsity: float) -> Path:
-    return RESULTS / "runs" / args.model / f"{name}-s{sparsity}-{args.nsamples}x{args.seqlen}.json"
+    windows = f"-w{args.max_windows}" if args.max_windows else ""  # a partial evaluation is its own run
+    return RESULTS / "runs" / args.model / f"{name}-s{sparsity}-{args.nsamples}x{args.seqlen}{windows}.json"
 
 
 def satisfied(stored: dict, args, sparsity: float) -> bool:

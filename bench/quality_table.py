@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,7 +16,7 @@ def load_runs(results: Path) -> list[dict]:
     for path in sorted((results / "runs").glob("*/*.json")):
         run = json.loads(path.read_text())
         run["file"] = path.name
-        run["calibration_key"] = path.stem.rsplit("-", 1)[-1]
+        run["calibration_key"] = re.search(r"-(\d+x\d+)(-w\d+)?$", path.stem).group(1)
         runs.append(run)
     return runs
 
@@ -35,13 +36,15 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
     commands = sorted({r.get("command", "") for r in runs if r.get("command")})
     for model in sorted({r["model"] for r in runs}):
         model_runs = [r for r in runs if r["model"] == model]
-        dense = next((r for r in model_runs if r["run"] == "dense"), None)
         lines += [f"## {model}", ""]
         for sparsity in sorted({r["sparsity"] for r in model_runs if r["run"] != "dense"}):
-            rows = [r for r in model_runs if r["sparsity"] == sparsity] + ([dense] if dense else [])
+            rows = [r for r in model_runs if r["sparsity"] == sparsity]
+            windows = {_windows(r, "wikitext2") for r in rows} - {None}
+            # the dense reference on the same windows as the pruned rows
+            dense = next((r for r in model_runs if r["run"] == "dense" and _windows(r, "wikitext2") in windows), None)
+            rows = rows + ([dense] if dense else [])
             rows.sort(key=lambda r: ORDER.index(r["run"]))
             sparsegpt = next((r for r in rows if r["run"] == "sparsegpt"), None)
-            windows = {_windows(r, "wikitext2") for r in rows} - {None}
             lines += [f"### sparsity {sparsity}: WikiText2 perplexity at 2048 over {', '.join(map(str, sorted(windows)))} "
                       "windows", "",
                       "| method | realised sparsity | WikiText2 | distance to dense / SparseGPT's | " +
@@ -86,7 +89,7 @@ def plot(runs: list[dict], path: Path) -> None:
             axis.axhline(dense["perplexity"]["wikitext2"], color="gray", linestyle="--", label="dense")
         axis.set_yscale("log")
         axis.set_xlabel("sparsity")
-        axis.set_ylabel("WikiText2 perplexity (2048)")
+        axis.set_ylabel("WikiText2 perplexity at 2048 (windows: quality.md)")
         axis.set_title(model)
         axis.legend(fontsize=8)
     fig.tight_layout()

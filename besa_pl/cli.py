@@ -22,7 +22,12 @@ from .data import CalibrationDataModule
 from .errors import BesaError
 from .export import FINISHED_MARKER, is_finished_run
 from .pruner import BESAPruner
-from .runtime import blockwise_strategy, complete_callbacks, complete_plugins, latest_checkpoint
+from .runtime import (
+    blockwise_strategy,
+    complete_callbacks,
+    complete_plugins,
+    latest_checkpoint,
+)
 
 
 def parser_error_line(message: str) -> str:

@@ -59,6 +59,57 @@ class SaliencySelect:
         return pruned
 
 
+class LayerBudgetSelect:
+    """The layer's count of a given mask, chosen as SparseGPT chooses: in each lazy block, the weights
+    of lowest OBS saliency (as updated so far) over all rows, the block's share of the layer's count
+    (proportional to its columns; the last block takes exactly what is left)."""
+
+    every = None
+
+    def __init__(self, keep: Tensor) -> None:
+        self.left = int((~keep.bool()).sum())
+        self.columns_left = keep.shape[1]
+
+    def __call__(self, w: Tensor, diag: Tensor, start: int) -> Tensor:
+        width = w.shape[1]
+        cut = self.left if width == self.columns_left else round(self.left * width / self.columns_left)
+        saliency = (w.pow(2) / diag.pow(2).view(1, -1)).reshape(-1)
+        pruned = torch.zeros_like(saliency, dtype=torch.bool)
+        pruned[torch.argsort(saliency, stable=True)[:cut]] = True
+        self.left -= cut
+        self.columns_left -= width
+        return pruned.view_as(w)
+
+
+class RowBudgetSelect:
+    """The per-row counts of a given mask, SparseGPT's adaptive choice of where: at each lazy block,
+    every row prunes the columns whose OBS saliency (as updated so far) is below its threshold over
+    all the columns it has left, so its pruned weights go where the compensated saliency is lowest;
+    the rest of its budget waits for later blocks. Each row ends with exactly its count."""
+
+    every = None
+
+    def __init__(self, keep: Tensor) -> None:
+        self.left = (~keep.bool()).sum(dim=1)
+
+    def __call__(self, w_rest: Tensor, diag_rest: Tensor, width: int) -> Tensor:
+        saliency = w_rest.pow(2) / diag_rest.pow(2).view(1, -1)
+        left = self.left.to(w_rest.device)
+        if width == w_rest.shape[1]:  # the last block: exactly what is left
+            cut = left
+        else:
+            order = torch.argsort(saliency, dim=1, stable=True)
+            ranks = torch.empty_like(order).scatter_(1, order, torch.arange(w_rest.shape[1], device=w_rest.device)
+                                                     .expand_as(order))
+            cut = (ranks[:, :width] < left.view(-1, 1)).sum(dim=1)  # this block's share of the row's lowest
+        block = saliency[:, :width]
+        order = torch.argsort(block, dim=1, stable=True)
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(width, device=w_rest.device).expand_as(order))
+        pruned = ranks < cut.view(-1, 1)
+        self.left = (left - pruned.sum(dim=1)).cpu()
+        return pruned
+
+
 @dataclass(frozen=True)
 class CountSelect:
     """The counts of a given mask, SparseGPT's choice of weights: each row prunes, in each lazy block
@@ -93,7 +144,7 @@ def obs_sweep(
     weight: Tensor,
     hessian: Tensor,
     keep: Tensor | None = None,
-    select: SaliencySelect | CountSelect | None = None,
+    select: SaliencySelect | CountSelect | LayerBudgetSelect | RowBudgetSelect | None = None,
     grid: QuantGrid | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
@@ -129,9 +180,13 @@ def obs_sweep(
         k1 = keep_out[:, start:end]  # a view: the choices below land in keep_out
         for i in range(end - start):
             column = start + i
-            span = (select.every or end - start) if select is not None else 0
-            if select is not None and i % span == 0:
-                k1[:, i : i + span] = ~select(w1[:, i : i + span], torch.diag(u1)[i : i + span], column)
+            if isinstance(select, RowBudgetSelect):
+                if i == 0:  # sees the row's remaining columns, to spread its budget over them
+                    k1[:, :] = ~select(w[:, start:], torch.diag(upper)[start:], end - start)
+            elif select is not None:
+                span = select.every or end - start
+                if i % span == 0:
+                    k1[:, i : i + span] = ~select(w1[:, i : i + span], torch.diag(u1)[i : i + span], column)
             if grid is not None and column % size == 0:
                 # From the weights as updated so far (GPTQ's order); a whole-row group is set at
                 # column 0, before any update.

@@ -66,10 +66,14 @@ class BESAPruner(L.LightningModule):
         quant: joint weight quantization (`--model.quant.bits 4 --model.quant.group_size 128`).
         exact_sparsity: shift a block's learned rates by one common amount so it ends exactly at the
             target; false = the official code's floor(C * alpha) (about 0.3% below the target).
-        reconstruct: none (the paper: kept weights keep their dense values) | obs (re-solve the kept
-            weights after the masks are final, true-sequentially, with the OBS update).
-        reconstruct_reference: target (each linear matches its input-output in the forward that made
-            the block's target: corrects earlier sublayers' error too) | layer (SparseGPT's own update).
+        reconstruct: what happens to the kept weights once a block's masks are learned, sublayer by
+            sublayer with SparseGPT's OBS sweep: auto (obs_select after BESA, none after the one-shot
+            methods) | none (the paper: they keep their dense values) | obs (update under the masks) |
+            obs_select (the masks' counts per row and 128-column block; the sweep picks which weights)
+            | obs_row (per-row counts) | obs_layer (per-layer counts).
+        reconstruct_reference: layer (each linear keeps its own dense output on its pruned-path input,
+            SparseGPT's objective) | target (each linear matches its output in the forward that made
+            the block's target: the asymmetric form).
     """
 
     def __init__(
@@ -95,8 +99,8 @@ class BESAPruner(L.LightningModule):
         activation_dtype: DType | None = None,
         quant: QuantConfig = QuantConfig(),
         exact_sparsity: bool = True,
-        reconstruct: Reconstruct = "none",
-        reconstruct_reference: Reference = "target",
+        reconstruct: Reconstruct = "auto",
+        reconstruct_reference: Reference = "layer",
     ) -> None:
         super().__init__()
         self.settings = PruneSettings(

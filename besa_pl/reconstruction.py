@@ -24,10 +24,14 @@ from torch.func import functional_call
 
 from .distributed import mean_over_ranks
 from .models import call_block, prunable_linears
-from .obs import CountSelect, QuantGrid, least_squares_start, obs_sweep
-
-RECONSTRUCT = ("none", "obs", "obs_select")
-REFERENCES = ("layer", "target")
+from .obs import (
+    CountSelect,
+    LayerBudgetSelect,
+    QuantGrid,
+    RowBudgetSelect,
+    least_squares_start,
+    obs_sweep,
+)
 
 
 class _Stop(Exception):
@@ -96,7 +100,7 @@ def reconstruct_block(
     reference: str = "target",
     grids: dict[str, QuantGrid] | None = None,
     log: Callable[[str], None] | None = None,
-    reselect: bool = False,
+    reselect: str | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Re-solve the kept weights of `block` in place, group by group; returns (scale, zero) per
     linear when `grids` quantizes. `dense` holds W0 per linear, `masks` the final keep-masks;
@@ -141,8 +145,9 @@ def reconstruct_block(
             if cross is not None:
                 start = least_squares_start(start, hessian, cross)
             mask = masks[name].to(device)
-            weight, keep, params = obs_sweep(start, hessian, keep=None if reselect else mask,
-                                             select=CountSelect(mask) if reselect else None,
+            select = {"block": CountSelect, "row": RowBudgetSelect, "layer": LayerBudgetSelect}[reselect](mask) \
+                if reselect else None
+            weight, keep, params = obs_sweep(start, hessian, keep=None if select else mask, select=select,
                                              grid=(grids or {}).get(name), log=log)
             masks[name] = keep
             linear.weight.copy_((weight * keep).to(linear.weight.dtype))

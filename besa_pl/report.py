@@ -14,7 +14,7 @@ from .atomic import write_json_atomic
 def result_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     """(metric, value) rows: method, sparsity, perplexity per dataset, zero-shot per task and mean."""
     rows = [
-        ("method", str(results.get("method"))),
+        ("method", str(results.get("variant", results.get("method")))),
         ("target sparsity", f"{results.get('target_sparsity', 0.0):.4f}"),
         ("realised sparsity", f"{results.get('realised_sparsity', 0.0):.4f}"),
     ]
@@ -24,6 +24,8 @@ def result_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         if not details.get("all_windows", True):
             scope += ", partial"
         rows.append((f"perplexity {name} ({scope})", f"{value:.3f}"))
+    for name, reason in results.get("perplexity_skipped", {}).items():
+        rows.append((f"perplexity {name}", f"skipped: {reason}"))
     zero_shot = results.get("zero_shot", {})
     for name, scores in zero_shot.get("tasks", {}).items():
         for metric, value in scores.items():

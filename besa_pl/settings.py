@@ -22,7 +22,7 @@ PenaltyForm = Literal["relative", "absolute"]
 TargetMode = Literal["pruned_input", "dense_trajectory"]
 OptimizerName = Literal["prodigy", "adamw"]
 DType = Literal["float32", "bfloat16", "float16"]
-Reconstruct = Literal["none", "obs", "obs_select"]
+Reconstruct = Literal["auto", "none", "obs", "obs_select", "obs_row", "obs_layer"]
 Reference = Literal["layer", "target"]
 
 
@@ -63,8 +63,8 @@ class PruneSettings:
     activation_dtype: DType | None = None
     quant: QuantConfig = field(default_factory=QuantConfig)
     exact_sparsity: bool = True
-    reconstruct: Reconstruct = "none"
-    reconstruct_reference: Reference = "target"
+    reconstruct: Reconstruct = "auto"
+    reconstruct_reference: Reference = "layer"
 
     def __post_init__(self) -> None:
         for name, hint in get_type_hints(type(self)).items():
@@ -113,12 +113,35 @@ class PruneSettings:
         return self.method != "dense"
 
     @property
+    def reconstruction(self) -> str:
+        """`reconstruct` with `auto` resolved: obs_select after BESA, none after the one-shot methods
+        (so `--model.method wanda` is Wanda as published)."""
+        if self.reconstruct == "auto":
+            return "obs_select" if self.method == "besa" else "none"
+        return self.reconstruct
+
+    @property
     def dense_trajectory(self) -> bool:
         return self.target_mode == "dense_trajectory"
 
     @property
     def needs_hessian(self) -> bool:
         return self.method == "sparsegpt" or (self.method == "besa" and self.importance == "sparsegpt")
+
+    def variant(self) -> str:
+        """In words, which method ran (the results table's first row)."""
+        names = {"besa": "BESA", "wanda": "Wanda", "sparsegpt": "SparseGPT", "magnitude": "magnitude", "dense": "dense"}
+        text = names[self.method]
+        if self.method == "besa" and self.reconstruction == "none":
+            text += " (the paper's: no reconstruction" + (", official floor rule)" if not self.exact_sparsity else ")")
+        elif self.reconstruction != "none" and self.pruning:
+            how = {"obs": "OBS update under its masks", "obs_select": "SparseGPT's sweep choosing within its counts "
+                   "per row and column block", "obs_row": "SparseGPT's sweep choosing within its per-row counts",
+                   "obs_layer": "SparseGPT's sweep choosing within its per-layer counts"}[self.reconstruction]
+            text += f" + {how} ({self.reconstruct_reference} reference)"
+        if self.quant.enabled:
+            text += f", {self.quant.bits}-bit weights"
+        return text
 
     def flat(self) -> dict[str, Any]:
         """`model.<name>` -> value, the quantization settings as `model.quant.<name>`."""

@@ -118,11 +118,11 @@ class ModelSource:
         """Embeddings, norms, head and their buffers to `device` (the blocks stay where they are)."""
         inside = {id(t) for block in self.blocks for t in [*block.parameters(), *block.buffers()]}
         for module in self.model.modules():
-            for store in (module._parameters, module._buffers):
-                for key, tensor in store.items():
-                    if tensor is not None and id(tensor) not in inside and tensor.device.type != "meta":
-                        moved = tensor.to(device)
-                        store[key] = nn.Parameter(moved, requires_grad=False) if isinstance(tensor, nn.Parameter) else moved
+            for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if id(tensor) not in inside and tensor.device.type != "meta":
+                    moved = tensor.to(device)
+                    # setattr replaces a registered parameter or buffer (and keeps a buffer's persistence)
+                    setattr(module, key, nn.Parameter(moved, requires_grad=False) if isinstance(tensor, nn.Parameter) else moved)
         self.model.tie_weights()
 
     # ------------------------------------------------------------ evaluation
@@ -174,9 +174,9 @@ class ModelSource:
 def materialize_own(module: nn.Module, name: str, store: WeightStore, dtype) -> None:
     """Read a module's own (non-recursive) meta parameters from the store onto the CPU."""
     prefix = f"{name}." if name else ""
-    for key, parameter in list(module._parameters.items()):
-        if parameter is None or parameter.device.type != "meta" or prefix + key not in store:
+    for key, parameter in list(module.named_parameters(recurse=False)):
+        if parameter.device.type != "meta" or prefix + key not in store:
             continue
         value = store.get(prefix + key)
         value = value.to(dtype=dtype) if value.is_floating_point() else value
-        module._parameters[key] = nn.Parameter(value, requires_grad=False)
+        setattr(module, key, nn.Parameter(value, requires_grad=False))

@@ -102,8 +102,7 @@ def module_prefix(model: nn.Module, module: nn.Module) -> str:
 def _set_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
-    old = owner._parameters[leaf]
-    owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
+    setattr(owner, leaf, nn.Parameter(value, requires_grad=False))  # replaces the registered parameter
 
 
 @torch.no_grad()

@@ -62,7 +62,7 @@ def test_a_run_with_no_data_prunes_and_reports_the_evaluations_it_could_not_run(
     config = tmp_path / "evals.yaml"
     config.write_text(
         "trainer:\n  callbacks:\n"
-        "    - class_path: besa_pl.callbacks.PerplexityEval\n      init_args: {datasets: [wikitext2]}\n"
+        "    - class_path: besa_pl.callbacks.PerplexityEval\n      init_args: {datasets: [wikitext2], seqlen: 128}\n"
         "    - class_path: besa_pl.callbacks.ZeroShotEval\n      init_args: {tasks: [piqa]}\n"
     )
     args = fit_args(tiny_model_dir("llama"), "self", tmp_path / "run", "--data.data_dir", str(tmp_path / "empty"))

@@ -7,7 +7,7 @@
         train     BESA: the Trainer's steps learn the logits           BESAPruner.training_step
           or one-shot: magnitude / Wanda / SparseGPT prune now         begin_block
         burn in   the final masks                                      end_block
-        reconstruct the kept weights (model.reconstruct obs)           end_block
+        reconstruct the kept weights (model.reconstruct)               end_block
         forward   the pruned outputs are the next block's inputs       end_block
         write     the block's shard of the pruned folder               end_block
         free      its weights                                          end_block
@@ -121,6 +121,9 @@ class BlockwiseLoop(Callback):
         activation_dtype = torch_dtype(s.activation_dtype or s.dtype)
         pruner.cache = capture_block_inputs(source.model, tokens, s.dense_trajectory, activation_dtype,
                                             device="cpu", pin=device.type == "cuda")
+        # X_p, the targets and (dense trajectory) X_fp, each N/ranks x T x H: see README, Memory.
+        buffers = 3 if s.dense_trajectory else 2
+        pruner.results["activation_bytes_per_rank"] = buffers * pruner.cache.inputs.numel() * pruner.cache.inputs.element_size()
         resume = self._resume
         self._resume = None
         main = trainer.is_global_zero  # under DDP rank 0 writes, the others read
@@ -170,7 +173,7 @@ class BlockwiseLoop(Callback):
         linears = prunable_linears(block)
         # W0 for the reconstruction after the masks are final.
         self._block = {"dense": {n: lin.weight.detach().clone() for n, lin in linears.items()}
-                       if s.reconstruct != "none" else None, "masks": {}, "qparams": {}, "clipping": None,
+                       if s.reconstruction != "none" else None, "masks": {}, "qparams": {}, "clipping": None,
                        "started": time.perf_counter()}
         outputs, stats = reference_pass(block, cache.inputs, kwargs, device, gram=s.needs_hessian)
         if s.dense_trajectory:  # the target is the dense model's own activation (also the next X_fp)
@@ -188,13 +191,13 @@ class BlockwiseLoop(Callback):
         s = pruner.settings
         # SparseGPT quantizes inside its own sweep (GPTQ); the others round to nearest, unless the
         # reconstruction quantizes them later.
-        in_sweep = s.quant.enabled and s.method == "sparsegpt" and s.reconstruct == "none"
+        in_sweep = s.quant.enabled and s.method == "sparsegpt" and s.reconstruction == "none"
         for name, linear in linears.items():
             grid = QuantGrid(s.quant.bits, s.quant.group_size) if in_sweep else None
             keep, qparams = prune_linear(s.method, linear, stats[name], s.sparsity, s.granularity, s.nm, grid,
                                          log=lambda msg, name=name: console.print(f"[yellow]block {index} {name}:[/] {msg}"))
             self._block["masks"][name] = keep
-            if qparams is None and s.quant.enabled and s.reconstruct == "none":
+            if qparams is None and s.quant.enabled and s.reconstruction == "none":
                 qparams = rtn_params(linear.weight, s.quant.bits, s.quant.group_size)
                 burn_in(linear.weight, keep, s.quant, *qparams)
             if qparams is not None:
@@ -216,14 +219,14 @@ class BlockwiseLoop(Callback):
             work["masks"], work["qparams"] = pruner.current.finalize()
             learned = {name: rate_summary(r) for name, r in rates.items()}
             pruner.end_training()
-        if s.reconstruct != "none":
+        if s.reconstruction != "none":
             grids = ({name: QuantGrid(s.quant.bits, s.quant.group_size, *(work["clipping"] or {}).get(name, (None, None)))
                       for name in work["masks"]} if s.quant.enabled else None)
             work["qparams"] = reconstruct_block(
                 block, work["dense"], work["masks"], cache.inputs, cache.dense_inputs if s.dense_trajectory else None,
                 cache.block_kwargs[index], device, s.reconstruct_reference, grids,
                 log=lambda msg: console.print(f"[yellow]block {index} reconstruction:[/] {msg}"),
-                reselect=s.reconstruct == "obs_select")
+                reselect={"obs_select": "block", "obs_row": "row", "obs_layer": "layer"}.get(s.reconstruction))
         if s.dense_trajectory:
             cache.dense_inputs = cache.targets
         cache.targets = None
@@ -255,6 +258,7 @@ class BlockwiseLoop(Callback):
         s, source = pruner.settings, pruner.open_source()
         root = Path(trainer.default_root_dir)
         pruner.results["method"] = s.method
+        pruner.results["variant"] = s.variant()
         pruner.results["target_sparsity"] = s.target if s.pruning else 0.0
         pruner.results["settings"] = {k.removeprefix("model."): v for k, v in s.flat().items()}
         if not s.pruning:
