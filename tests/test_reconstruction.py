@@ -9,7 +9,14 @@ from besa_pl.block import BESABlock
 from besa_pl.importance import InputStatistics, importance_scores, row_ranks
 from besa_pl.loss import reconstruction_loss
 from besa_pl.models import decoder_blocks, load_model, prunable_linears
-from besa_pl.obs import CountSelect, LayerBudgetSelect, QuantGrid, RowBudgetSelect, least_squares_start, obs_sweep
+from besa_pl.obs import (
+    CountSelect,
+    LayerBudgetSelect,
+    QuantGrid,
+    RowBudgetSelect,
+    least_squares_start,
+    obs_sweep,
+)
 from besa_pl.quant import apply_params
 from besa_pl.reconstruction import reconstruct_block, sequential_groups
 from besa_pl.settings import PruneSettings
