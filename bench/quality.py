@@ -38,6 +38,9 @@ PRESETS: dict[str, dict] = {
     # The default of besa-pl (cli.yaml, and the code's defaults): BESA's allocation, then SparseGPT's
     # sweep choosing within its counts.
     "besa": {"method": "besa"},
+    # Self-calibration (Williams et al., NAACL 2025): the model's own text instead of C4.
+    "sparsegpt-self": {"method": "sparsegpt", "data.dataset": "self"},
+    "besa-self": {"method": "besa", "data.dataset": "self"},
 }
 
 
@@ -73,8 +76,9 @@ def run_one(name: str, settings: dict, sparsity: float, args) -> dict:
     model_settings = {k: v for k, v in settings.items() if not k.startswith("data.")}
     data_settings = {k.removeprefix("data."): v for k, v in settings.items() if k.startswith("data.")}
     pruner = BESAPruner(pretrained=args.model, sparsity=sparsity, dtype=args.dtype, **model_settings)
-    data = CalibrationDataModule(dataset="c4", nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
-                                 data_dir=args.data_dir, **data_settings)
+    data_settings.setdefault("dataset", "c4")  # `data.dataset=self`: the model's own text
+    data = CalibrationDataModule(nsamples=args.nsamples, seqlen=args.seqlen, seed=0, data_dir=args.data_dir,
+                                 **data_settings)
     callbacks = [PerplexityEval(datasets=args.ppl, seqlen=2048, batch_size=args.eval_batch,
                                 max_windows=args.max_windows)]
     if args.zero_shot and sparsity in args.zero_shot_sparsities:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -21,8 +22,18 @@ def load_runs(results: Path) -> list[dict]:
     return runs
 
 
-def _ppl(run: dict, dataset: str) -> str:
-    value = run.get("perplexity", {}).get(dataset)
+def _ppl(run: dict, dataset: str, windows: int | None = None) -> float | None:
+    """The run's perplexity, or over its first `windows` windows when it stored each window's loss."""
+    details = run.get("perplexity_details", {}).get(dataset, {})
+    losses = details.get("window_loss")
+    if windows is not None and windows != details.get("windows"):
+        if not losses or len(losses) < windows:
+            return None
+        return math.exp(sum(losses[:windows]) / windows)
+    return run.get("perplexity", {}).get(dataset)
+
+
+def _fmt(value: float | None) -> str:
     return f"{value:.2f}" if value is not None else "-"
 
 
@@ -39,27 +50,28 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
         lines += [f"## {model}", ""]
         for sparsity in sorted({r["sparsity"] for r in model_runs if r["run"] != "dense"}):
             rows = [r for r in model_runs if r["sparsity"] == sparsity]
-            windows = {_windows(r, "wikitext2") for r in rows} - {None}
-            # the dense reference on the same windows as the pruned rows
-            dense = next((r for r in model_runs if r["run"] == "dense" and _windows(r, "wikitext2") in windows), None)
+            count = min(w for w in (_windows(r, "wikitext2") for r in rows) if w is not None)
+            # the dense reference on the same windows as the pruned rows (a prefix of a longer run)
+            dense = next((r for r in model_runs if r["run"] == "dense" and _ppl(r, "wikitext2", count) is not None), None)
             rows = rows + ([dense] if dense else [])
             rows.sort(key=lambda r: ORDER.index(r["run"]))
             sparsegpt = next((r for r in rows if r["run"] == "sparsegpt"), None)
-            lines += [f"### sparsity {sparsity}: WikiText2 perplexity at 2048 over {', '.join(map(str, sorted(windows)))} "
-                      "windows", "",
-                      "| method | realised sparsity | WikiText2 | distance to dense / SparseGPT's | " +
-                      " | ".join(TASKS) + " | mean acc | wall s | commit |",
+            lines += [f"### sparsity {sparsity}: WikiText2 perplexity at 2048 over the first {count} windows", "",
+                      "| method | realised sparsity | WikiText2 | distance to dense / SparseGPT's | first 40 windows | " +
+                      " | ".join(TASKS) + " | mean acc | commit |",
                       "|---" * (7 + len(TASKS)) + "|"]
             for run in rows:
+                ppl = _ppl(run, "wikitext2", count)
                 ratio = "-"
-                if dense and sparsegpt and run["run"] != "dense":
-                    d = dense["perplexity"]["wikitext2"]
-                    ratio = f"{(run['perplexity']['wikitext2'] - d) / (sparsegpt['perplexity']['wikitext2'] - d):.3f}"
+                if dense and sparsegpt and run["run"] != "dense" and ppl is not None:
+                    d = _ppl(dense, "wikitext2", count)
+                    ratio = f"{(ppl - d) / (_ppl(sparsegpt, 'wikitext2', count) - d):.3f}"
                 zero = run.get("zero_shot", {}) if run.get("zero_shot", {}).get("limit") is None else {}
                 accs = [f"{100 * zero['tasks'][t]['acc']:.2f}" if t in zero.get("tasks", {}) else "-" for t in TASKS]
                 mean = f"{100 * zero['mean_acc']:.2f}" if zero.get("mean_acc") is not None else "-"
-                lines.append(f"| {run['run']} | {run['realised_sparsity']:.4f} | {_ppl(run, 'wikitext2')} | {ratio} | "
-                             + " | ".join(accs) + f" | {mean} | {run['wall_s']:.0f} | {run.get('commit', '?')} |")
+                lines.append(f"| {run['run']} | {run['realised_sparsity']:.4f} | {_fmt(ppl)} | {ratio} | "
+                             f"{_fmt(_ppl(run, 'wikitext2', 40))} | "
+                             + " | ".join(accs) + f" | {mean} | {run.get('commit', '?')} |")
             lines.append("")
     lines += ["Calibration: 128 x 512 tokens of the local C4 train excerpt (`c4/c4_sample.jsonl`, the first 1000",
               "documents of shard 00000), seed 0, the SparseGPT/Wanda recipe. Zero-shot: full local task files",

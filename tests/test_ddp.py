@@ -65,3 +65,12 @@ def test_resume_under_two_ranks_and_a_changed_rank_count_is_refused(tiny_model_d
     fit(tiny_model_dir("llama"), calibration_text, root, "--ckpt_path", "last", ranks=2)
     expected, resumed = saved_weights(tmp_path / "straight" / "pruned"), saved_weights(root / "pruned")
     assert all(torch.equal(resumed[name], tensor) for name, tensor in expected.items())
+
+
+def test_an_error_on_the_ranks_ends_every_rank_with_one_line(tiny_model_dir, calibration_text, tmp_path):
+    done = fit(tiny_model_dir("llama"), calibration_text, tmp_path, "--data.nsamples", "7", ranks=2,
+               expect_failure=True)  # the subprocess timeout would fail the test on a hang
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert lines and all("data.nsamples=7 does not split over 2 ranks; use a multiple of 2" in line for line in lines)
+    assert "Traceback" not in done.stderr and not (tmp_path / "pruned").exists()

@@ -28,7 +28,9 @@ def test_perplexity_is_exp_of_mean_window_loss_whatever_the_batch_size(tiny_mode
         losses = [float(model(w.unsqueeze(0), labels=w.unsqueeze(0)).loss) for w in batches]
     expected = math.exp(sum(losses) / len(losses))
     assert perplexity(model, batches, batch_size=1) == pytest.approx(expected, rel=1e-5)
-    assert perplexity(model, batches, batch_size=3) == pytest.approx(expected, rel=1e-5)
+    per_window = []
+    assert perplexity(model, batches, batch_size=3, per_window=per_window) == pytest.approx(expected, rel=1e-5)
+    assert per_window == pytest.approx(losses, rel=1e-5)  # each window's loss, for first-k perplexities later
 
 
 @pytest.mark.skipif(not DATA_DIR.exists(), reason="shared data not found")

@@ -52,8 +52,16 @@ def windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None
     return token_ids[: count * seqlen].view(count, seqlen)
 
 
+def _record_windows(per_window: list[float] | None, logits: torch.Tensor, ids: torch.Tensor) -> None:
+    """Each window's mean next-token loss, so the perplexity of any first-k windows can be read later."""
+    if per_window is not None:
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none").mean(dim=1)
+        per_window.extend(losses.tolist())
+
+
 @torch.no_grad()
-def perplexity(model, batches: torch.Tensor, batch_size: int = 1, device=None) -> float:
+def perplexity(model, batches: torch.Tensor, batch_size: int = 1, device=None,
+               per_window: list[float] | None = None) -> float:
     """exp of the mean next-token loss; every window has seqlen-1 targets, so this equals
     exp(mean over windows of the per-window mean loss)."""
     device = device or next(model.parameters()).device
@@ -62,11 +70,13 @@ def perplexity(model, batches: torch.Tensor, batch_size: int = 1, device=None) -
         ids = batches[start : start + batch_size].to(device)
         logits = model(ids, use_cache=False).logits.float()
         metric.update(logits[:, :-1], ids[:, 1:])
+        _record_windows(per_window, logits[:, :-1], ids[:, 1:])
     return float(metric.compute())
 
 
 @torch.no_grad()
-def streamed_perplexity(source, folder, batches: torch.Tensor, device, batch_size: int = 1) -> float:
+def streamed_perplexity(source, folder, batches: torch.Tensor, device, batch_size: int = 1,
+                        per_window: list[float] | None = None) -> float:
     """The same perplexity with only one block in memory: every window goes through block 0, then
     all of them through block 1, and so on (as SparseGPT's evaluation streams layers); the model's
     own head (final norm, LM head, any logit soft-capping) then scores the last hidden states."""
@@ -84,6 +94,7 @@ def streamed_perplexity(source, folder, batches: torch.Tensor, device, batch_siz
             ids = batches[start : start + batch_size].to(device)
             logits = head_logits(source.model, ids, hidden[start : start + batch_size].to(device)).float()
             metric.update(logits[:, :-1], ids[:, 1:])
+            _record_windows(per_window, logits[:, :-1], ids[:, 1:])
     finally:
         source.move_outer("cpu")
     return float(metric.compute())
@@ -155,15 +166,17 @@ class PerplexityEval(Callback):
             if batches.shape[0] == 0:
                 raise BesaError(f"PerplexityEval.seqlen={self.seqlen}: {name} has only {ids.numel()} tokens; lower it")
             model, device = pruner.evaluation_model()
+            per_window: list[float] = []
             if model is not None and not self.streaming:
-                value = perplexity(model, batches, self.batch_size, device)
+                value = perplexity(model, batches, self.batch_size, device, per_window)
             else:  # larger than the device, or asked for: one block at a time over all windows
                 source_model = pruner.open_source()
                 value = streamed_perplexity(source_model, source_model.evaluation_folder(trainer), batches, device,
-                                            self.batch_size)
+                                            self.batch_size, per_window)
             scores[name] = value
             details[name] = {"windows": batches.shape[0], "tokens": ids.numel(), "seqlen": self.seqlen, "source": source,
-                             "all_windows": self.max_windows is None or batches.shape[0] == ids.numel() // self.seqlen}
+                             "all_windows": self.max_windows is None or batches.shape[0] == ids.numel() // self.seqlen,
+                             "window_loss": per_window}
             console.print(f"perplexity {name}: {value:.3f} ({batches.shape[0]} windows of {self.seqlen}, {source})")
             if not math.isfinite(value):
                 console.print(f"[yellow]warning:[/] {name} perplexity is not finite")
