@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from . import __version__
 from .callbacks.progress import BlockProgress
 from .compat import KeepCommandLineOnResume
-from .console import console
+from .console import console, quiet_third_party
 from .data import CalibrationDataModule
 from .errors import BesaError
 from .export import FINISHED_MARKER, is_finished_run
@@ -124,7 +124,8 @@ def user_error(error: BaseException | None) -> BesaError | None:
 
 def quiet_libraries() -> None:
     """Third-party progress bars, hub retries and info lines stay quiet unless --verbose."""
-    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and datasets' bars
+    os.environ.setdefault("TQDM_DISABLE", "1")  # bars of libraries imported from here on
+    quiet_third_party()  # the others: see console.third_party_output
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", module="lightning")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed", "lightning.pytorch",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
+
 from rich.console import Console
 
 from .distributed import is_main
@@ -14,3 +18,22 @@ class RankZeroConsole(Console):
 
 
 console = RankZeroConsole(stderr=True)
+
+_quiet = {"third_party": False}
+
+
+def quiet_third_party(on: bool = True) -> None:
+    """Set by the CLI unless --verbose: library progress bars are swallowed (see `third_party_output`)."""
+    _quiet["third_party"] = on
+
+
+@contextlib.contextmanager
+def third_party_output():
+    """Around calls into libraries whose tqdm bars read TQDM_DISABLE only at import time (lm-eval,
+    datasets): their stderr goes nowhere when quiet; exceptions still propagate."""
+    if not _quiet["third_party"]:
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+    sys.stderr.flush()

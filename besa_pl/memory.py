@@ -20,3 +20,25 @@ def available_bytes(device) -> int:
 def folder_bytes(folder: str | Path) -> int:
     """Bytes of the weight files in a model folder (what loading it whole takes)."""
     return sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim). Without it, a block's freed
+    tensors leave fragmented arenas behind and the process's resident memory creeps up with depth
+    (measured: 2.1 GB instead of 0.76 GB after 32 blocks of a 1024-wide model, bench/memory.py)."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018  (glibc only: musl and macOS have no malloc_trim)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_libc = _load_libc()

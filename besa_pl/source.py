@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import BesaError
+from .memory import return_freed_memory
 from .models import (
     decoder_blocks,
     freeze,
@@ -109,6 +110,7 @@ class ModelSource:
     def release_block(self, index: int) -> None:
         release(self.blocks[index])
         self.loaded.pop(index, None)
+        return_freed_memory()  # else the resident memory grows with depth
 
     def outer_tensors(self) -> dict[str, torch.Tensor]:
         """Every weight outside the decoder blocks (a tied LM head once), as save_pretrained names them."""

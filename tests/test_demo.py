@@ -50,7 +50,7 @@ def test_dense_demo_wikitext2_window_count_and_finite_perplexity(demo_dir):
     assert torch.isfinite(torch.tensor(value)) and 5 < value < 60
 
 
-def test_zero_shot_on_local_files_marks_hellaswag_skipped(demo_dir, tmp_path):
+def test_zero_shot_on_local_files_marks_hellaswag_skipped(demo_dir, tmp_path, capfd):
     config = tmp_path / "zs.yaml"
     config.write_text(
         "trainer:\n  callbacks:\n    - class_path: besa_pl.callbacks.ZeroShotEval\n"
@@ -67,3 +67,7 @@ def test_zero_shot_on_local_files_marks_hellaswag_skipped(demo_dir, tmp_path):
     assert all(0.0 <= v <= 1.0 for scores in results["tasks"].values() for v in scores.values())
     assert "hellaswag" in results["skipped"] and "no local data" in results["skipped"]["hellaswag"]
     assert results["versions"]["piqa"] is not None
+    err = capfd.readouterr().err
+    assert "zero-shot piqa: acc" in err
+    for bar in ("Running loglikelihood", "Generating validation split", "Tokenizing inputs", "%|"):
+        assert bar not in err  # third-party progress bars stay quiet unless --verbose

@@ -6,7 +6,7 @@ import logging
 
 from lightning.pytorch import Callback
 
-from ..console import console
+from ..console import console, third_party_output
 from ..data import hub_reachable, resolve_data_dir
 from ..errors import BesaError, at_least
 from ..zero_shot_tasks import TASKS, local_task_configs
@@ -73,13 +73,15 @@ class ZeroShotEval(Callback):
                     skipped[name] = f"the model could not be loaded for evaluation ({type(error).__name__}: {error})"
                 specs = []
         if specs:
-            lm = HFLM(pretrained=model, tokenizer=pruner.tokenizer, batch_size=self.batch_size,
-                      max_length=self.max_length, device=str(device))
+            with third_party_output():
+                lm = HFLM(pretrained=model, tokenizer=pruner.tokenizer, batch_size=self.batch_size,
+                          max_length=self.max_length, device=str(device))
             for spec in specs:
                 name = spec if isinstance(spec, str) else spec["task"]
                 try:
-                    out = simple_evaluate(model=lm, tasks=[spec], task_manager=manager, limit=self.limit,
-                                          bootstrap_iters=0, log_samples=False, verbosity="ERROR")
+                    with third_party_output():  # datasets' and lm-eval's bars
+                        out = simple_evaluate(model=lm, tasks=[spec], task_manager=manager, limit=self.limit,
+                                              bootstrap_iters=0, log_samples=False, verbosity="ERROR")
                 except Exception as error:  # missing data (offline hub, ...): report, never drop silently
                     skipped[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
                     console.print(f"[yellow]zero-shot {name} skipped:[/] {skipped[name]}")
