@@ -49,9 +49,20 @@ def test_generated_tokens_are_cached_and_reused(tiny_model_dir, cache, monkeypat
     assert torch.equal(tokens(folder, 0), first)
 
 
-def test_the_perplexity_filter_keeps_the_most_likely_samples(tiny_model_dir, cache):
+def test_the_perplexity_filter_keeps_the_most_likely_samples(tiny_model_dir, cache, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import besa_pl.self_calibration as module
+
+    pool = []
+    generate = module.generate_samples
+    monkeypatch.setattr(module, "generate_samples", lambda *a, **k: pool.append(generate(*a, **k)) or pool[-1])
     filtered = tokens(tiny_model_dir("llama"), 0, SelfRecipe(batch_size=4, filter_fraction=0.5))
-    assert filtered.shape == (5, 24)
+    assert filtered.shape == (5, 24) and pool[0].shape == (10, 24)  # 5 / (1 - 0.5) generated
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
+    ppl = module.sample_perplexities(model, pool[0], "cpu", 4)
+    kept = [i for i in range(10) if any(torch.equal(pool[0][i], row) for row in filtered)]
+    assert len(kept) == 5 and max(ppl[kept]) <= min(ppl[[i for i in range(10) if i not in kept]])
 
 
 def test_a_run_with_no_data_prunes_and_reports_the_evaluations_it_could_not_run(tiny_model_dir, cache, tmp_path,
