@@ -2,8 +2,8 @@
 
 Every run goes through the same Trainer, BlockwiseLoop and evaluation callbacks as `besa-pl fit`
 and writes its results to `bench/results/runs/<model>/<run>-s<sparsity>-<N>x<T>.json`; a run whose
-file exists is not measured again (`--force` to redo). `--table` writes bench/results/quality.md and
-bench/results/quality.png from every stored run.
+file exists is not measured again (`--force` to redo). `--table` writes bench/results/quality-<N>x<T>.md and
+.png from every stored run with that calibration.
 
     python bench/quality.py --data-dir ../shared/data --sparsities 0.5 0.6 0.7 \\
         --runs dense magnitude wanda sparsegpt besa-paper wanda-obs besa --max-windows 40
@@ -156,7 +156,7 @@ def main() -> None:
     if args.table:
         from quality_table import write_table
 
-        write_table(RESULTS)
+        write_table(RESULTS, f"{args.nsamples}x{args.seqlen}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ def _windows(run: dict, dataset: str) -> int | None:
 
 
 def write_table(results: Path, calibration: str = "128x512") -> None:
-    runs = [r for r in load_runs(results) if r["calibration_key"] == calibration and r["run"] in ORDER]
+    # runs measured on WikiText2 with this calibration; the dense model needs none, so any dense run serves
+    runs = [r for r in load_runs(results) if r["run"] in ORDER and "wikitext2" in r.get("perplexity", {})
+            and (r["calibration_key"] == calibration or r["run"] == "dense")]
     lines = ["# Quality benchmark", ""]
     commands = sorted({r.get("command", "") for r in runs if r.get("command")})
     for model in sorted({r["model"] for r in runs}):
@@ -73,11 +75,12 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
                              f"{_fmt(_ppl(run, 'wikitext2', 40))} | "
                              + " | ".join(accs) + f" | {mean} | {run.get('commit', '?')} |")
             lines.append("")
-    lines += ["Calibration: 128 x 512 tokens of the local C4 train excerpt (`c4/c4_sample.jsonl`, the first 1000",
+    samples, tokens = calibration.split("x")
+    lines += [f"Calibration: {samples} x {tokens} tokens of the local C4 train excerpt (`c4/c4_sample.jsonl`, the first 1000",
               "documents of shard 00000), seed 0, the SparseGPT/Wanda recipe. Zero-shot: full local task files",
               "(hellaswag has none), acc. Commands:", ""] + [f"    {c}" for c in commands] + [""]
-    (results / "quality.md").write_text("\n".join(lines))
-    plot(runs, results / "quality.png")
+    (results / f"quality-{calibration}.md").write_text("\n".join(lines))
+    plot(runs, results / f"quality-{calibration}.png")
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -89,19 +92,21 @@ def plot(runs: list[dict], path: Path) -> None:
     models = sorted({r["model"] for r in runs})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for axis, model in zip(axes[0], models):
+        model_runs = [r for r in runs if r["model"] == model]
+        count = min(_windows(r, "wikitext2") for r in model_runs)  # every point on the same windows
         series = defaultdict(list)
-        for run in runs:
-            if run["model"] == model and run["run"] != "dense" and "wikitext2" in run.get("perplexity", {}):
-                series[run["run"]].append((run["sparsity"], run["perplexity"]["wikitext2"]))
+        for run in model_runs:
+            if run["run"] != "dense":
+                series[run["run"]].append((run["sparsity"], _ppl(run, "wikitext2", count)))
         for name in [n for n in ORDER if n in series]:
             points = sorted(series[name])
             axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-        dense = next((r for r in runs if r["model"] == model and r["run"] == "dense"), None)
+        dense = next((r for r in model_runs if r["run"] == "dense"), None)
         if dense:
-            axis.axhline(dense["perplexity"]["wikitext2"], color="gray", linestyle="--", label="dense")
+            axis.axhline(_ppl(dense, "wikitext2", count), color="gray", linestyle="--", label="dense")
         axis.set_yscale("log")
         axis.set_xlabel("sparsity")
-        axis.set_ylabel("WikiText2 perplexity at 2048 (windows: quality.md)")
+        axis.set_ylabel(f"WikiText2 perplexity at 2048, first {count} windows")
         axis.set_title(model)
         axis.legend(fontsize=8)
     fig.tight_layout()
