@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # before torch: the same float sums on a busy machine
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("BESA_TEST_DATA", REPO.parent / "shared" / "data"))
