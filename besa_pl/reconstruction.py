@@ -42,9 +42,12 @@ class _Stop(Exception):
 def sequential_groups(block: nn.Module, hidden: Tensor, kwargs: dict) -> list[list[str]]:
     """The block's linears in call order, grouped by shared input (q/k/v; o; gate/up; down)."""
     linears = prunable_linears(block)
-    order: list[tuple[str, int]] = []
+    # The inputs themselves are kept until the grouping is done: a freed input's memory could be
+    # reused by a later one, and comparing addresses would then merge two groups (allocator-dependent,
+    # so it could even differ between DDP ranks).
+    order: list[tuple[str, Tensor]] = []
     handles = [
-        linear.register_forward_pre_hook(lambda _m, args, name=name: order.append((name, args[0].data_ptr())))
+        linear.register_forward_pre_hook(lambda _m, args, name=name: order.append((name, args[0])))
         for name, linear in linears.items()
     ]
     try:
@@ -53,15 +56,15 @@ def sequential_groups(block: nn.Module, hidden: Tensor, kwargs: dict) -> list[li
         for handle in handles:
             handle.remove()
     groups: list[list[str]] = []
-    pointers: list[int] = []
-    for name, pointer in order:
+    inputs: list[Tensor] = []
+    for name, x in order:
         if any(name in group for group in groups):
             continue  # a linear called twice keeps its first place
-        if pointers and pointers[-1] == pointer:
+        if inputs and inputs[-1] is x:
             groups[-1].append(name)
         else:
             groups.append([name])
-            pointers.append(pointer)
+            inputs.append(x)
     return groups
 
 
