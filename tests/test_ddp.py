@@ -15,10 +15,7 @@ def fit(model_dir, text, root, *extra, ranks=1, expect_failure=False):
     """`besa-pl fit` in a fresh process (Lightning's DDP launcher starts the other rank from it)."""
     args = [sys.executable, "-m", "besa_pl.cli", "fit", "--model.pretrained", str(model_dir), "--data.dataset", str(text),
             "--data.nsamples", "8", "--data.seqlen", "32", "--trainer.default_root_dir", str(root),
-            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-            # Known bug (README, "Several devices"): with the reconstruction on, 2 ranks can reach
-            # different all-reduces; these tests cover the allocation and statistics paths until it is fixed.
-            "--model.reconstruct", "none"]
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
     if ranks > 1:
         args += ["--trainer.devices", str(ranks), "--trainer.strategy", "ddp"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
