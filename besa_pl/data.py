@@ -76,10 +76,12 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _hub(loader):
+def _hub(loader, setting: str):
     if not hub_reachable():
-        raise BesaError("the Hugging Face hub cannot be reached and no data folder is set; set data.data_dir (or "
-                        "BESA_DATA_DIR) to a local data folder, or calibrate with --data.dataset self")
+        # Only calibration can do without data; an evaluation just needs its files.
+        alternative = ", or calibrate with --data.dataset self" if setting == "data.dataset" else ""
+        raise BesaError(f"{setting}: the Hugging Face hub cannot be reached and no data folder is set; set "
+                        f"data.data_dir (or BESA_DATA_DIR) to a local data folder{alternative}")
     try:
         return loader()
     except Exception as error:  # the datasets library raises many types when offline
@@ -110,13 +112,13 @@ def documents(name: str, split: str, data_dir: str | None, setting: str = "data.
 
     if name == "c4":
         shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else "en/c4-validation.00000-of-00008.json.gz"
-        data = _hub(lambda: load_dataset("allenai/c4", data_files={split: shard}, split=split))
+        data = _hub(lambda: load_dataset("allenai/c4", data_files={split: shard}, split=split), setting)
         return list(data["text"]), f"hub allenai/c4 {shard}"
     if name == "wikitext2":
-        data = _hub(lambda: load_dataset("wikitext", "wikitext-2-raw-v1", split=split))
+        data = _hub(lambda: load_dataset("wikitext", "wikitext-2-raw-v1", split=split), setting)
         return list(data["text"]), f"hub wikitext-2-raw-v1 {split}"
     if name == "ptb":
-        data = _hub(lambda: load_dataset("ptb_text_only", "penn_treebank", split=split))
+        data = _hub(lambda: load_dataset("ptb_text_only", "penn_treebank", split=split), setting)
         return list(data["sentence"]), f"hub ptb_text_only {split}"
     raise BesaError(f"{setting}={name}: unknown dataset; use c4, wikitext2, ptb or a path to a .txt/.jsonl file")
 

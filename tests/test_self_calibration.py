@@ -90,5 +90,19 @@ def test_an_unreachable_calibration_source_stops_before_any_pruning(tiny_model_d
     with pytest.raises(SystemExit) as stop:
         run_cli(fit_args(tiny_model_dir("llama"), "c4", tmp_path))
     assert stop.value.code == 2
-    assert "the Hugging Face hub cannot be reached" in " ".join(capsys.readouterr().err.split())
+    message = " ".join(capsys.readouterr().err.split())
+    assert "data.dataset: the Hugging Face hub cannot be reached" in message
+    assert "or calibrate with --data.dataset self" in message  # the way out that needs no data
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "pruned.partial").exists()
+
+
+def test_an_unreachable_evaluation_source_names_its_setting_and_not_self_calibration(monkeypatch):
+    from besa_pl.callbacks.perplexity import evaluation_text
+    from besa_pl.errors import BesaError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("BESA_DATA_DIR", raising=False)
+    with pytest.raises(BesaError) as error:
+        evaluation_text("wikitext2", None)
+    assert str(error.value).startswith("PerplexityEval.datasets: the Hugging Face hub cannot be reached")
+    assert "data.dataset self" not in str(error.value)  # calibrating differently would not help an evaluation
