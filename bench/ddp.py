@@ -1,6 +1,6 @@
 """Time per block and activation memory per rank with 1 and with 2 DDP ranks (prints figures).
 
-    python bench/ddp.py --data-dir ../shared/data [--method besa] [--nsamples 32 --seqlen 256] [--accelerator cpu]
+    python bench/ddp.py --data-dir path/to/data [--method besa] [--nsamples 32 --seqlen 256] [--accelerator cpu]
 
 Each run is `besa-pl fit` in its own process (Lightning's DDP launcher starts the second rank);
 the time per block is the mean of the blocks' times that BlockwiseLoop prints, and the activation

@@ -2,10 +2,10 @@
 
 Every run goes through the same Trainer, BlockwiseLoop and evaluation callbacks as `besa-pl fit`
 and writes its results to `bench/results/runs/<model>/<run>-s<sparsity>-<N>x<T>.json`; a run whose
-file exists is not measured again (`--force` to redo). `--table` writes bench/results/quality-<N>x<T>.md and
-.png from every stored run with that calibration.
+file exists is not measured again (`--force` to redo). `--table` writes bench/results/quality.md and .png
+(128 x 512 calibration; quality-<N>x<T>.* for others) from every stored run with that calibration.
 
-    python bench/quality.py --data-dir ../shared/data --sparsities 0.5 0.6 0.7 \\
+    python bench/quality.py --data-dir path/to/data --sparsities 0.5 0.6 0.7 \\
         --runs dense magnitude wanda sparsegpt besa-paper wanda-obs besa --max-windows 40
     python bench/quality.py --table
 

@@ -43,15 +43,16 @@ def _windows(run: dict, dataset: str) -> int | None:
 
 def write_table(results: Path, calibration: str = "128x512") -> None:
     # runs measured on WikiText2 with this calibration; the dense model needs none, so any dense run serves
-    runs = [r for r in load_runs(results) if r["run"] in ORDER and "wikitext2" in r.get("perplexity", {})
+    runs = [r for r in load_runs(results) if r.get("run") in ORDER and "wikitext2" in r.get("perplexity", {})
             and (r["calibration_key"] == calibration or r["run"] == "dense")]
     lines = ["# Quality benchmark", ""]
-    commands = sorted({r.get("command", "") for r in runs if r.get("command")})
+    # the data folder is the user's own path: shown as DATA
+    commands = sorted({re.sub(r"--data-dir \S+", "--data-dir DATA", r["command"]) for r in runs if r.get("command")})
     for model in sorted({r["model"] for r in runs}):
         model_runs = [r for r in runs if r["model"] == model]
         lines += [f"## {model}", ""]
         for sparsity in sorted({r["sparsity"] for r in model_runs if r["run"] != "dense"}):
-            rows = [r for r in model_runs if r["sparsity"] == sparsity]
+            rows = [r for r in model_runs if r["sparsity"] == sparsity and r["run"] != "dense"]
             count = min(w for w in (_windows(r, "wikitext2") for r in rows) if w is not None)
             # the dense reference on the same windows as the pruned rows (a prefix of a longer run)
             dense = next((r for r in model_runs if r["run"] == "dense" and _ppl(r, "wikitext2", count) is not None), None)
@@ -79,8 +80,10 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
     lines += [f"Calibration: {samples} x {tokens} tokens of the local C4 train excerpt (`c4/c4_sample.jsonl`, the first 1000",
               "documents of shard 00000), seed 0, the SparseGPT/Wanda recipe. Zero-shot: full local task files",
               "(hellaswag has none), acc. Commands:", ""] + [f"    {c}" for c in commands] + [""]
-    (results / f"quality-{calibration}.md").write_text("\n".join(lines))
-    plot(runs, results / f"quality-{calibration}.png")
+    # 128 x 512 is the reporting calibration (the paper's): its table is quality.md, smaller screens get a suffix
+    stem = "quality" if calibration == "128x512" else f"quality-{calibration}"
+    (results / f"{stem}.md").write_text("\n".join(lines))
+    plot(runs, results / f"{stem}.png")
 
 
 def plot(runs: list[dict], path: Path) -> None:
