@@ -46,8 +46,7 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
     runs = [r for r in load_runs(results) if r.get("run") in ORDER and "wikitext2" in r.get("perplexity", {})
             and (r["calibration_key"] == calibration or r["run"] == "dense")]
     lines = ["# Quality benchmark", ""]
-    # the data folder is the user's own path: shown as DATA
-    commands = sorted({re.sub(r"--data-dir \S+", "--data-dir DATA", r["command"]) for r in runs if r.get("command")})
+    shown: list[dict] = []  # the runs in the tables, whose commands the caption lists
     for model in sorted({r["model"] for r in runs}):
         model_runs = [r for r in runs if r["model"] == model]
         lines += [f"## {model}", ""]
@@ -63,6 +62,7 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
                       "| method | realised sparsity | WikiText2 | distance to dense / SparseGPT's | first 40 windows | " +
                       " | ".join(TASKS) + " | mean acc | commit |",
                       "|---" * (7 + len(TASKS)) + "|"]
+            shown += rows
             for run in rows:
                 ppl = _ppl(run, "wikitext2", count)
                 ratio = "-"
@@ -76,6 +76,8 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
                              f"{_fmt(_ppl(run, 'wikitext2', 40))} | "
                              + " | ".join(accs) + f" | {mean} | {run.get('commit', '?')} |")
             lines.append("")
+    # the data folder is the user's own path: shown as DATA
+    commands = sorted({re.sub(r"--data-dir \S+", "--data-dir DATA", r["command"]) for r in shown if r.get("command")})
     samples, tokens = calibration.split("x")
     lines += [f"Calibration: {samples} x {tokens} tokens of the local C4 train excerpt (`c4/c4_sample.jsonl`, the first 1000",
               "documents of shard 00000), seed 0, the SparseGPT/Wanda recipe. Zero-shot: full local task files",
@@ -96,7 +98,8 @@ def plot(runs: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for axis, model in zip(axes[0], models):
         model_runs = [r for r in runs if r["model"] == model]
-        count = min(_windows(r, "wikitext2") for r in model_runs)  # every point on the same windows
+        # every point on the same windows: the fewest any pruned run has (the dense line is a prefix of its run)
+        count = min(_windows(r, "wikitext2") for r in model_runs if r["run"] != "dense")
         series = defaultdict(list)
         for run in model_runs:
             if run["run"] != "dense":
@@ -104,7 +107,7 @@ def plot(runs: list[dict], path: Path) -> None:
         for name in [n for n in ORDER if n in series]:
             points = sorted(series[name])
             axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-        dense = next((r for r in model_runs if r["run"] == "dense"), None)
+        dense = next((r for r in model_runs if r["run"] == "dense" and _ppl(r, "wikitext2", count) is not None), None)
         if dense:
             axis.axhline(_ppl(dense, "wikitext2", count), color="gray", linestyle="--", label="dense")
         axis.set_yscale("log")
