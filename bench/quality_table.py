@@ -41,6 +41,11 @@ def _windows(run: dict, dataset: str) -> int | None:
     return run.get("perplexity_details", {}).get(dataset, {}).get("windows")
 
 
+def _dense_on(runs: list[dict], windows: int) -> dict | None:
+    """A dense run that has the first `windows` windows (a prefix of a longer run serves)."""
+    return next((r for r in runs if r["run"] == "dense" and _ppl(r, "wikitext2", windows) is not None), None)
+
+
 def write_table(results: Path, calibration: str = "128x512") -> None:
     # runs measured on WikiText2 with this calibration; the dense model needs none, so any dense run serves
     runs = [r for r in load_runs(results) if r.get("run") in ORDER and "wikitext2" in r.get("perplexity", {})
@@ -54,7 +59,7 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
             rows = [r for r in model_runs if r["sparsity"] == sparsity and r["run"] != "dense"]
             count = min(w for w in (_windows(r, "wikitext2") for r in rows) if w is not None)
             # the dense reference on the same windows as the pruned rows (a prefix of a longer run)
-            dense = next((r for r in model_runs if r["run"] == "dense" and _ppl(r, "wikitext2", count) is not None), None)
+            dense = _dense_on(model_runs, count)
             rows = rows + ([dense] if dense else [])
             rows.sort(key=lambda r: ORDER.index(r["run"]))
             sparsegpt = next((r for r in rows if r["run"] == "sparsegpt"), None)
@@ -107,7 +112,7 @@ def plot(runs: list[dict], path: Path) -> None:
         for name in [n for n in ORDER if n in series]:
             points = sorted(series[name])
             axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-        dense = next((r for r in model_runs if r["run"] == "dense" and _ppl(r, "wikitext2", count) is not None), None)
+        dense = _dense_on(model_runs, count)
         if dense:
             axis.axhline(_ppl(dense, "wikitext2", count), color="gray", linestyle="--", label="dense")
         axis.set_yscale("log")
