@@ -52,11 +52,16 @@ def windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None
     return token_ids[: count * seqlen].view(count, seqlen)
 
 
-def _record_windows(per_window: list[float] | None, logits: torch.Tensor, ids: torch.Tensor) -> None:
-    """Each window's mean next-token loss, so the perplexity of any first-k windows can be read later."""
-    if per_window is not None:
-        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none").mean(dim=1)
-        per_window.extend(losses.tolist())
+def _score(metric: Perplexity, per_window: list[float] | None, logits: torch.Tensor, ids: torch.Tensor) -> None:
+    """Add a batch of windows to the metric one window at a time: the fp32 copies of the logits
+    (softmax, log-softmax) then cover one window, not the batch; with a 262k-token vocabulary
+    (Gemma-3) four windows' copies exceed 20 GB. Also records each window's mean next-token loss,
+    so the perplexity of any first-k windows can be read later."""
+    for row in range(logits.shape[0]):
+        window_logits, targets = logits[row : row + 1, :-1].float(), ids[row : row + 1, 1:]
+        metric.update(window_logits, targets)
+        if per_window is not None:
+            per_window.append(torch.nn.functional.cross_entropy(window_logits[0], targets[0]).item())
 
 
 @torch.no_grad()
@@ -68,9 +73,7 @@ def perplexity(model, batches: torch.Tensor, batch_size: int = 1, device=None,
     metric = Perplexity().to(device)
     for start in range(0, batches.shape[0], batch_size):
         ids = batches[start : start + batch_size].to(device)
-        logits = model(ids, use_cache=False).logits.float()
-        metric.update(logits[:, :-1], ids[:, 1:])
-        _record_windows(per_window, logits[:, :-1], ids[:, 1:])
+        _score(metric, per_window, model(ids, use_cache=False).logits, ids)
     return float(metric.compute())
 
 
@@ -92,9 +95,7 @@ def streamed_perplexity(source, folder, batches: torch.Tensor, device, batch_siz
     try:
         for start in range(0, batches.shape[0], batch_size):
             ids = batches[start : start + batch_size].to(device)
-            logits = head_logits(source.model, ids, hidden[start : start + batch_size].to(device)).float()
-            metric.update(logits[:, :-1], ids[:, 1:])
-            _record_windows(per_window, logits[:, :-1], ids[:, 1:])
+            _score(metric, per_window, head_logits(source.model, ids, hidden[start : start + batch_size].to(device)), ids)
     finally:
         source.move_outer("cpu")
     return float(metric.compute())
