@@ -90,7 +90,7 @@ def run_one(name: str, settings: dict, sparsity: float, args) -> dict:
     results = dict(pruner.results)
     results.update(wall_s=time.perf_counter() - start, run=name, settings=settings, sparsity=sparsity,
                    model=args.model, calibration=f"{args.nsamples} x {args.seqlen} tokens, {data.source}, seed 0",
-                   commit=commit(), command="python bench/quality.py " + " ".join(sys.argv[1:]))
+                   commit=args.commit, command="python bench/quality.py " + " ".join(sys.argv[1:]))
     return results
 
 
@@ -114,6 +114,7 @@ def satisfied(stored: dict, args, sparsity: float) -> bool:
 
 
 def measure(args) -> None:
+    args.commit = commit()  # the code this process imported, even if HEAD moves while it runs
     for sparsity in args.sparsities:
         for spec in args.runs:
             name, settings = parse_run(spec)
