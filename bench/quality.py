@@ -35,8 +35,10 @@ PRESETS: dict[str, dict] = {
     "besa-paper-exact": {"method": "besa", "reconstruct": "none", "smoothing_scale": 1.0, "data.batch_size": 1},
     # Wanda's uniform masks with the same reconstruction as the default: what the learned allocation adds.
     "wanda-obs": {"method": "wanda", "reconstruct": "obs_select", "reconstruct_reference": "layer"},
-    # The default of besa-pl (cli.yaml, and the code's defaults): BESA's allocation, then SparseGPT's
-    # sweep choosing within its counts.
+    # The previous default: the same, with the kept weights as the sweep leaves them.
+    "besa-sweep": {"method": "besa", "reconstruct_solve": "sweep"},
+    # The default of besa-pl (cli.yaml, and the code's defaults): BESA's allocation, SparseGPT's sweep
+    # choosing within its counts, then the kept weights solved exactly for the final masks.
     "besa": {"method": "besa"},
     # Self-calibration (Williams et al., NAACL 2025): the model's own text instead of C4.
     "sparsegpt-self": {"method": "sparsegpt", "data.dataset": "self"},

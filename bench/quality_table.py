@@ -8,7 +8,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "besa-paper", "besa-paper-exact", "wanda-obs", "besa"]
+ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "besa-paper", "besa-paper-exact", "wanda-obs", "besa-sweep",
+         "besa"]
 TASKS = ["piqa", "boolq", "winogrande", "arc_easy", "arc_challenge"]
 
 

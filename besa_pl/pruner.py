@@ -31,6 +31,7 @@ from .settings import (
     PruneSettings,
     Reconstruct,
     Reference,
+    Solve,
     TargetMode,
 )
 from .source import ModelSource
@@ -74,6 +75,9 @@ class BESAPruner(L.LightningModule):
         reconstruct_reference: layer (each linear keeps its own dense output on its pruned-path input,
             SparseGPT's objective) | target (each linear matches its output in the forward that made
             the block's target: the asymmetric form).
+        reconstruct_solve: exact (after the sweep, the kept weights are solved to the optimum for the
+            final mask: masked least squares per row, Boza 2024) | sweep (as the OBS sweep leaves
+            them: SparseGPT's update, which never moves a kept weight left of a pruned one).
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class BESAPruner(L.LightningModule):
         exact_sparsity: bool = True,
         reconstruct: Reconstruct = "auto",
         reconstruct_reference: Reference = "layer",
+        reconstruct_solve: Solve = "exact",
     ) -> None:
         super().__init__()
         self.settings = PruneSettings(
@@ -109,7 +114,7 @@ class BESAPruner(L.LightningModule):
             num_candidates=num_candidates, penalty_weight=penalty_weight, penalty_form=penalty_form,
             target_mode=target_mode, optimizer=optimizer, lr=lr, d_coef=d_coef, epochs_per_block=epochs_per_block,
             dtype=dtype, activation_dtype=activation_dtype, quant=quant, exact_sparsity=exact_sparsity,
-            reconstruct=reconstruct, reconstruct_reference=reconstruct_reference,
+            reconstruct=reconstruct, reconstruct_reference=reconstruct_reference, reconstruct_solve=reconstruct_solve,
         )
         self.pretrained = pretrained
         self.save_hyperparameters()

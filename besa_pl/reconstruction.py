@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .distributed import mean_over_ranks
+from .masked_solve import masked_least_squares
 from .models import call_block, prunable_linears
 from .obs import (
     CountSelect,
@@ -104,12 +105,15 @@ def reconstruct_block(
     grids: dict[str, QuantGrid] | None = None,
     log: Callable[[str], None] | None = None,
     reselect: str | None = None,
+    exact: bool = False,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Re-solve the kept weights of `block` in place, group by group; returns (scale, zero) per
     linear when `grids` quantizes. `dense` holds W0 per linear, `masks` the final keep-masks;
     `reference_inputs` are the inputs of the reference forward (None = `inputs`). With `reselect`,
     the masks give only how many weights each row prunes per column block, and the sweep picks
-    which (`masks` is updated in place)."""
+    which (`masks` is updated in place). With `exact`, the kept weights are then solved to the
+    optimum for the final mask (`masked_solve`); a quantizing grid is applied after that, by a
+    second sweep under the mask."""
     linears = prunable_linears(block)
     for name, linear in linears.items():  # start from the masked dense weights
         linear.weight.copy_((dense[name].to(linear.weight.device) * masks[name].to(linear.weight.device)).to(linear.weight.dtype))
@@ -150,8 +154,13 @@ def reconstruct_block(
             mask = masks[name].to(device)
             select = {"block": CountSelect, "row": RowBudgetSelect, "layer": LayerBudgetSelect}[reselect](mask) \
                 if reselect else None
+            grid = (grids or {}).get(name)
             weight, keep, params = obs_sweep(start, hessian, keep=None if select else mask, select=select,
-                                             grid=(grids or {}).get(name), log=log)
+                                             grid=None if exact else grid, log=log)
+            if exact:
+                weight = masked_least_squares(weight, start, hessian, keep)
+                if grid is not None:  # the optimum's error is orthogonal to the mask: sweep from it
+                    weight, keep, params = obs_sweep(weight, hessian, keep=keep, grid=grid, log=log)
             masks[name] = keep
             linear.weight.copy_((weight * keep).to(linear.weight.dtype))
             if params is not None:

@@ -24,6 +24,7 @@ OptimizerName = Literal["prodigy", "adamw"]
 DType = Literal["float32", "bfloat16", "float16"]
 Reconstruct = Literal["auto", "none", "obs", "obs_select", "obs_row", "obs_layer"]
 Reference = Literal["layer", "target"]
+Solve = Literal["sweep", "exact"]
 
 
 def parse_structure(structure: str | None) -> tuple[int, int] | None:
@@ -65,6 +66,7 @@ class PruneSettings:
     exact_sparsity: bool = True
     reconstruct: Reconstruct = "auto"
     reconstruct_reference: Reference = "layer"
+    reconstruct_solve: Solve = "exact"
 
     def __post_init__(self) -> None:
         for name, hint in get_type_hints(type(self)).items():
@@ -138,7 +140,8 @@ class PruneSettings:
             how = {"obs": "OBS update under its masks", "obs_select": "SparseGPT's sweep choosing within its counts "
                    "per row and column block", "obs_row": "SparseGPT's sweep choosing within its per-row counts",
                    "obs_layer": "SparseGPT's sweep choosing within its per-layer counts"}[self.reconstruction]
-            text += f" + {how} ({self.reconstruct_reference} reference)"
+            solve = ", masked least squares" if self.reconstruct_solve == "exact" else ""
+            text += f" + {how} ({self.reconstruct_reference} reference{solve})"
         if self.quant.enabled:
             text += f", {self.quant.bits}-bit weights"
         return text

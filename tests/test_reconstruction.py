@@ -8,6 +8,7 @@ from besa_pl.activations import capture_block_inputs, run_block
 from besa_pl.block import BESABlock
 from besa_pl.importance import InputStatistics, importance_scores, row_ranks
 from besa_pl.loss import reconstruction_loss
+from besa_pl.masked_solve import masked_least_squares
 from besa_pl.models import decoder_blocks, load_model, prunable_linears
 from besa_pl.obs import (
     CountSelect,
@@ -113,6 +114,23 @@ def test_least_squares_start_maps_pruned_path_inputs_to_the_reference_outputs():
     assert error(start) <= error(best) + 1e-3 * error(weight)  # the least-squares optimum
 
 
+def test_masked_least_squares_is_the_optimum_for_the_mask_and_beats_the_sweep():
+    x = correlated_inputs()
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(10))
+    keep = torch.rand(16, 64, generator=torch.Generator().manual_seed(11)) > 0.5
+    swept, _, _ = obs_sweep(weight, gram(x), keep=keep)
+    solved = masked_least_squares(swept, weight, gram(x), keep, iterations=200)
+    assert torch.all(solved[~keep] == 0)  # the mask, and so the sparsity, is unchanged
+    h = gram(x).double()
+    h += 0.01 * torch.diag(h).mean() * torch.eye(64, dtype=torch.float64)
+    for row in range(16):  # each row's kept weights: the closed-form optimum H_KK^-1 (H w0)_K
+        kept = keep[row]
+        best = torch.linalg.solve(h[kept][:, kept], (h @ weight[row].double())[kept])
+        assert torch.allclose(solved[row, kept].double(), best, rtol=1e-3, atol=1e-3)
+    error = lambda w: (x @ (w - weight).t()).pow(2).mean()  # noqa: E731
+    assert error(solved) < 0.95 * error(swept)  # the sweep leaves error the mask does not force
+
+
 @pytest.fixture(scope="module")
 def tiny_block(tiny_model_dir):
     model, _ = load_model(str(tiny_model_dir("llama")))
@@ -129,8 +147,8 @@ def test_true_sequential_groups_follow_the_blocks_call_order(tiny_block):
         ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
-@pytest.mark.parametrize("reference", ["layer", "target"])
-def test_block_reconstruction_lowers_the_block_output_error(reference, tiny_block):
+@pytest.mark.parametrize("reference, exact", [("layer", False), ("target", False), ("layer", True)])
+def test_block_reconstruction_lowers_the_block_output_error(reference, exact, tiny_block):
     block, inputs, kwargs = tiny_block
     linears = prunable_linears(block)
     dense = {name: linear.weight.detach().clone() for name, linear in linears.items()}
@@ -142,11 +160,30 @@ def test_block_reconstruction_lowers_the_block_output_error(reference, tiny_bloc
             for name, linear in linears.items():
                 linear.weight.copy_(dense[name] * masks[name])
         masked_error = reconstruction_loss(run_block(block, inputs, kwargs, "cpu"), target)
-        reconstruct_block(block, dense, dict(masks), inputs, None, kwargs, "cpu", reference)
+        reconstruct_block(block, dense, dict(masks), inputs, None, kwargs, "cpu", reference, exact=exact)
         rebuilt_error = reconstruction_loss(run_block(block, inputs, kwargs, "cpu"), target)
         assert rebuilt_error < 0.9 * masked_error
         for name, linear in linears.items():
             assert torch.equal(linear.weight != 0, masks[name])  # exactly the given masks, so the sparsity holds
+    finally:
+        with torch.no_grad():
+            for name, linear in linears.items():
+                linear.weight.copy_(dense[name])
+
+
+def test_exact_solve_with_joint_quantization_puts_every_kept_weight_on_its_grid(tiny_block):
+    block, inputs, kwargs = tiny_block
+    linears = prunable_linears(block)
+    dense = {name: linear.weight.detach().clone() for name, linear in linears.items()}
+    g = torch.Generator().manual_seed(12)
+    masks = {name: torch.rand(w.shape, generator=g) > 0.5 for name, w in dense.items()}
+    grids = {name: QuantGrid(4, None) for name in linears}
+    try:
+        qparams = reconstruct_block(block, dense, dict(masks), inputs, None, kwargs, "cpu", "layer", grids, exact=True)
+        for name, linear in linears.items():
+            weight = linear.weight.detach()
+            assert torch.all(weight[~masks[name]] == 0)
+            assert torch.equal(apply_params(weight, 4, None, *qparams[name]) * masks[name], weight)
     finally:
         with torch.no_grad():
             for name, linear in linears.items():

@@ -27,6 +27,7 @@ ADVERTISED = [
     # obs_row is obs_select on a model this narrow (one 128-column block): test_reconstruction covers it
     ["--model.reconstruct", "obs_layer"],
     ["--model.reconstruct_reference", "target"],
+    ["--model.reconstruct_solve", "sweep"],
     ["--data.batch_size", "2"],
     ["--model.epochs_per_block", "2"],
 ]

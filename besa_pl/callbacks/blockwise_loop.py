@@ -226,7 +226,8 @@ class BlockwiseLoop(Callback):
                 block, work["dense"], work["masks"], cache.inputs, cache.dense_inputs if s.dense_trajectory else None,
                 cache.block_kwargs[index], device, s.reconstruct_reference, grids,
                 log=lambda msg: console.print(f"[yellow]block {index} reconstruction:[/] {msg}"),
-                reselect={"obs_select": "block", "obs_row": "row", "obs_layer": "layer"}.get(s.reconstruction))
+                reselect={"obs_select": "block", "obs_row": "row", "obs_layer": "layer"}.get(s.reconstruction),
+                exact=s.reconstruct_solve == "exact")
         if s.dense_trajectory:
             cache.dense_inputs = cache.targets
         cache.targets = None
