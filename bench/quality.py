@@ -96,13 +96,31 @@ def run_one(name: str, settings: dict, sparsity: float, args) -> dict:
     return results
 
 
+def evaluate_stored(stored: dict, pruned: Path, args) -> dict:
+    """Adds the full zero-shot evaluation to a stored run from its pruned model (no pruning again)."""
+    from besa_pl import BESAPruner, CalibrationDataModule
+    from besa_pl.callbacks import ZeroShotEval
+    from besa_pl.runtime import make_trainer
+
+    pruner = BESAPruner(pretrained=str(pruned), method="dense", dtype=args.dtype)
+    data = CalibrationDataModule(nsamples=1, seqlen=16, seed=0, data_dir=args.data_dir, dataset="c4")
+    callbacks = [ZeroShotEval(limit=args.zero_shot_limit, batch_size=32)]
+    trainer = make_trainer(pruned.parent / "zero-shot", callbacks, accelerator="cpu", devices=1, logger=False,
+                           enable_progress_bar=False)
+    start = time.perf_counter()
+    trainer.fit(pruner, datamodule=data)
+    return {**stored, "zero_shot": pruner.results["zero_shot"], "zero_shot_wall_s": time.perf_counter() - start,
+            "zero_shot_commit": args.commit}
+
+
 def result_path(args, name: str, sparsity: float) -> Path:
     windows = f"-w{args.max_windows}" if args.max_windows else ""  # a partial evaluation is its own run
     return RESULTS / "runs" / args.model / f"{name}-s{sparsity}-{args.nsamples}x{args.seqlen}{windows}.json"
 
 
-def satisfied(stored: dict, args, sparsity: float) -> bool:
-    """Whether a stored run already has every evaluation asked for, on the same windows."""
+def satisfied(stored: dict, args, sparsity: float, zero_shot: bool = True) -> bool:
+    """Whether a stored run already has every evaluation asked for (zero-shot too unless told not
+    to look), on the same windows."""
     for dataset in args.ppl:
         details = stored.get("perplexity_details", {}).get(dataset)
         if details is None:
@@ -111,7 +129,7 @@ def satisfied(stored: dict, args, sparsity: float) -> bool:
             return False
         if args.max_windows is not None and details["windows"] != args.max_windows and not details["all_windows"]:
             return False
-    wants_zero_shot = args.zero_shot and sparsity in args.zero_shot_sparsities
+    wants_zero_shot = zero_shot and args.zero_shot and sparsity in args.zero_shot_sparsities
     return not wants_zero_shot or stored.get("zero_shot", {}).get("limit") == args.zero_shot_limit
 
 
@@ -123,10 +141,15 @@ def measure(args) -> None:
             if settings.get("method") == "dense" and sparsity != args.sparsities[0]:
                 continue  # the dense row does not depend on the sparsity
             path = result_path(args, name, 0.0 if settings.get("method") == "dense" else sparsity)
-            if path.exists() and not args.force and satisfied(json.loads(path.read_text()), args, sparsity):
+            stored = json.loads(path.read_text()) if path.exists() and not args.force else None
+            if stored is not None and satisfied(stored, args, sparsity):
                 print(f"{path.name}: stored, skipped")
                 continue
-            results = run_one(name, settings, sparsity, args)
+            pruned = Path(args.out) / args.model / f"{name}-s{sparsity}" / "pruned"
+            if stored is not None and satisfied(stored, args, sparsity, zero_shot=False) and pruned.is_dir():
+                results = evaluate_stored(stored, pruned, args)  # only the zero-shot evaluation is missing
+            else:
+                results = run_one(name, settings, sparsity, args)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(results, indent=2, default=float))
