@@ -130,7 +130,8 @@ def satisfied(stored: dict, args, sparsity: float, zero_shot: bool = True) -> bo
         if args.max_windows is not None and details["windows"] != args.max_windows and not details["all_windows"]:
             return False
     wants_zero_shot = zero_shot and args.zero_shot and sparsity in args.zero_shot_sparsities
-    return not wants_zero_shot or stored.get("zero_shot", {}).get("limit") == args.zero_shot_limit
+    # a run without zero-shot has no "zero_shot" at all (its limit would read None, like a full one)
+    return not wants_zero_shot or ("zero_shot" in stored and stored["zero_shot"].get("limit") == args.zero_shot_limit)
 
 
 def measure(args) -> None:
