@@ -53,7 +53,7 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
             and (r["calibration_key"] == calibration or r["run"] == "dense")]
     lines = ["# Quality benchmark", ""]
     shown: list[dict] = []  # the runs in the tables, whose commands the caption lists
-    for model in sorted({r["model"] for r in runs}):
+    for model in sorted({r["model"] for r in runs if r["run"] != "dense"}):  # models with pruned runs
         model_runs = [r for r in runs if r["model"] == model]
         lines += [f"## {model}", ""]
         for sparsity in sorted({r["sparsity"] for r in model_runs if r["run"] != "dense"}):
@@ -88,6 +88,8 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
     lines += [f"Calibration: {samples} x {tokens} tokens of the local C4 train excerpt (`c4/c4_sample.jsonl`, the first 1000",
               "documents of shard 00000), seed 0, the SparseGPT/Wanda recipe. Zero-shot: full local task files",
               "(hellaswag has none), acc. Commands:", ""] + [f"    {c}" for c in commands] + [""]
+    notes = sorted({f"- {r['run']}: {r['note']}" for r in shown if r.get("note")})  # e.g. a run renamed later
+    lines += (["Notes:", ""] + notes + [""]) if notes else []
     # 128 x 512 is the reporting calibration (the paper's): its table is quality.md, smaller screens get a suffix
     stem = "quality" if calibration == "128x512" else f"quality-{calibration}"
     (results / f"{stem}.md").write_text("\n".join(lines))
@@ -100,7 +102,7 @@ def plot(runs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted({r["model"] for r in runs})
+    models = sorted({r["model"] for r in runs if r["run"] != "dense"})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for axis, model in zip(axes[0], models):
         model_runs = [r for r in runs if r["model"] == model]
