@@ -62,17 +62,23 @@ def wanda_scores(weight: Tensor, col_sq: Tensor) -> Tensor:
     return weight.detach().float().abs() * col_sq.sqrt().view(1, -1)
 
 
+def dead_filled_and_damping(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor]:
+    """(H with a 1 on the diagonal of never-active inputs, SparseGPT's damping percdamp * mean diag):
+    the one damping the sweep, its least-squares start and the exact solve all use."""
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    return h, percdamp * torch.mean(torch.diag(h).abs()).clamp_min(1e-8)
+
+
 def damped_inverse_cholesky(hessian: Tensor, percdamp: float, log=None) -> Tensor:
     """Upper Cholesky factor of the inverse of the damped Hessian.
 
     A Hessian that is not positive definite even after damping gets ten times more damping,
     up to five times; each retry is reported through `log`.
     """
-    h = hessian.clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    h, damp = dead_filled_and_damping(hessian, percdamp)
     eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
-    damp = percdamp * torch.mean(torch.diag(h).abs()).clamp_min(1e-8)
     for attempt in range(6):
         chol, info = torch.linalg.cholesky_ex(h + damp * eye)
         if int(info) == 0:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .importance import dead_filled_and_damping
+
 
 @torch.no_grad()
 def masked_least_squares(
@@ -27,13 +29,11 @@ def masked_least_squares(
     """W minimising ||(W - start) X||^2 + lambda ||W - start||^2 row by row, with W = 0 where `keep`
     is False, from the initial guess `weight` (e.g. the sweep's). Columns the inputs never reach
     (zero Gram diagonal) keep their value from `weight`. Returns fp32, pruned entries exactly 0."""
-    h = hessian.float()
-    columns = h.shape[0]
-    alive = torch.diag(h) > 0
-    damp = percdamp * torch.mean(torch.diag(h)).clamp_min(1e-8)
-    h = h + damp * torch.eye(columns, device=h.device, dtype=h.dtype)
-    free = (keep.bool() & alive.view(1, -1)).float()
-    w = (weight.float() * keep).clone()
+    alive = torch.diag(hessian) > 0
+    h, damp = dead_filled_and_damping(hessian.float(), percdamp)
+    h += damp * torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
+    free = (keep.bool() & alive.view(1, -1)).float()  # dead inputs' weights are left as they are
+    w = weight.float() * keep
     start = start.float()
     diag = torch.diag(h).view(1, -1)
     residual = -((w - start) @ h) * free  # minus the gradient on the free weights

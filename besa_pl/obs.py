@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .importance import damped_inverse_cholesky
+from .importance import damped_inverse_cholesky, dead_filled_and_damping
 
 
 @dataclass(frozen=True)
@@ -215,10 +215,7 @@ def least_squares_start(weight: Tensor, hessian: Tensor, cross: Tensor, percdamp
     reference outputs W0 X_ref (C = X_ref X^T, H = X X^T). Sweeping from it under the mask minimises
     ||W X - W0 X_ref|| instead of ||(W - W0) X||, so a linear also corrects the error of the
     sublayers (and blocks) before it: the asymmetric calibration of GPTAQ (Li et al., 2025)."""
-    h = hessian.float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    damp = percdamp * torch.mean(torch.diag(h)).clamp_min(1e-8)
+    h, damp = dead_filled_and_damping(hessian.float(), percdamp)
     h += damp * torch.eye(h.shape[0], device=h.device)
     rhs = weight.float() @ cross.float()  # W0 X_ref X^T
     return torch.linalg.solve(h, rhs.t(), left=True).t()  # H symmetric: (H^-1 rhs^T)^T = rhs H^-1
