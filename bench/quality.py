@@ -37,8 +37,11 @@ PRESETS: dict[str, dict] = {
     "wanda-obs": {"method": "wanda", "reconstruct": "obs_select", "reconstruct_reference": "layer"},
     # The previous default: the same, with the kept weights as the sweep leaves them.
     "besa-sweep": {"method": "besa", "reconstruct_solve": "sweep"},
+    # The default from commit 110cf63 to af133c3: the kept weights solved exactly, the masks not refined.
+    "besa-exact": {"method": "besa", "reconstruct_swaps": 0},
     # The default of besa-pl (cli.yaml, and the code's defaults): BESA's allocation, SparseGPT's sweep
-    # choosing within its counts, then the kept weights solved exactly for the final masks.
+    # choosing within its counts, then the kept weights solved exactly for the final masks and the
+    # masks refined by swaps inside each row.
     "besa": {"method": "besa"},
     # Self-calibration (Williams et al., NAACL 2025): the model's own text instead of C4.
     "sparsegpt-self": {"method": "sparsegpt", "data.dataset": "self"},

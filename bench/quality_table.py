@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "besa-paper", "besa-paper-exact", "wanda-obs", "besa-sweep",
-         "besa"]
+         "besa-exact", "besa"]
 TASKS = ["piqa", "boolq", "winogrande", "arc_easy", "arc_challenge"]
 
 

@@ -9,8 +9,8 @@ absorbs that weight's error. With the mask fixed, each row r has a small convex 
 with H = X X^T the input Gram of the sublayer and lambda the sweep's damping. Boza (2024, "Fast
 and Optimal Weight Update for Pruned Large Language Models") solves it with ADMM; here it is
 preconditioned conjugate gradients on the kept weights of every row at once (diagonal
-preconditioner, warm start from the sweep), which converges in a few tens of matrix products.
-On the demo model it lowers each sublayer's reconstruction error by 15-27% below the sweep's.
+preconditioner, warm start from the sweep). On the demo model it lowers each sublayer's
+reconstruction error by 15-27% below the sweep's; 15 steps are within 0.2% of 50 steps' error.
 """
 
 from __future__ import annotations
@@ -21,35 +21,50 @@ from torch import Tensor
 from .importance import dead_filled_and_damping
 
 
-@torch.no_grad()
-def masked_least_squares(
-    weight: Tensor, start: Tensor, hessian: Tensor, keep: Tensor, percdamp: float = 0.01,
-    iterations: int = 50, tolerance: float = 1e-8,
-) -> Tensor:
-    """W minimising ||(W - start) X||^2 + lambda ||W - start||^2 row by row, with W = 0 where `keep`
-    is False, from the initial guess `weight` (e.g. the sweep's). Columns the inputs never reach
-    (zero Gram diagonal) keep their value from `weight`. Returns fp32, pruned entries exactly 0."""
+def damped_gram(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor]:
+    """(H + lambda I in fp32 with a 1 on the diagonal of never-active inputs, which inputs are active)."""
     alive = torch.diag(hessian) > 0
     h, damp = dead_filled_and_damping(hessian.float(), percdamp)
-    h += damp * torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
-    free = (keep.bool() & alive.view(1, -1)).float()  # dead inputs' weights are left as they are
-    w = weight.float() * keep
-    start = start.float()
+    return h + damp * torch.eye(h.shape[0], device=h.device, dtype=h.dtype), alive
+
+
+def conjugate_gradients(w: Tensor, start: Tensor, h: Tensor, free: Tensor, iterations: int,
+                        tolerance: float = 1e-8, gradient: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Lower (w - start) h (w - start)^T row by row over the entries where `free` is 1, in place.
+    Returns (w, its gradient (w - start) h), the gradient kept up to date from the products CG needs
+    anyway; pass it in when known."""
+    if gradient is None:
+        gradient = (w - start) @ h
     diag = torch.diag(h).view(1, -1)
-    residual = -((w - start) @ h) * free  # minus the gradient on the free weights
+    residual = -gradient * free  # minus the gradient on the free weights
     direction = residual / diag
     rz = (residual * direction).sum(dim=1, keepdim=True)
     first = rz.clone()
     for _ in range(iterations):
         if bool((rz <= tolerance * first).all()):
             break
-        product = (direction @ h) * free
-        curvature = (direction * product).sum(dim=1, keepdim=True)
+        product = direction @ h
+        curvature = (direction * product).sum(dim=1, keepdim=True)  # direction is 0 off the free entries
         alpha = torch.where(curvature > 0, rz / curvature.clamp_min(1e-30), torch.zeros_like(rz))
         w += alpha * direction
-        residual -= alpha * product
+        gradient += alpha * product
+        residual -= alpha * product * free
         z = residual / diag
         rz_next = (residual * z).sum(dim=1, keepdim=True)
         direction = z + (rz_next / rz.clamp_min(1e-30)) * direction
         rz = rz_next
-    return w * keep
+    return w, gradient
+
+
+@torch.no_grad()
+def masked_least_squares(
+    weight: Tensor, start: Tensor, hessian: Tensor, keep: Tensor, percdamp: float = 0.01,
+    iterations: int = 15, tolerance: float = 1e-8,
+) -> Tensor:
+    """W minimising ||(W - start) X||^2 + lambda ||W - start||^2 row by row, with W = 0 where `keep`
+    is False, from the initial guess `weight` (e.g. the sweep's). Columns the inputs never reach
+    (zero Gram diagonal) keep their value from `weight`. Returns fp32, pruned entries exactly 0."""
+    h, alive = damped_gram(hessian, percdamp)
+    free = (keep.bool() & alive.view(1, -1)).float()  # dead inputs' weights are left as they are
+    w = weight.float() * keep
+    return conjugate_gradients(w, start.float(), h, free, iterations, tolerance)[0] * keep

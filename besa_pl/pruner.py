@@ -78,6 +78,9 @@ class BESAPruner(L.LightningModule):
         reconstruct_solve: exact (after the sweep, the kept weights are solved to the optimum for the
             final mask: masked least squares per row, Boza 2024) | sweep (as the OBS sweep leaves
             them: SparseGPT's update, which never moves a kept weight left of a pruned one).
+        reconstruct_swaps: with the exact solve, up to this many rounds of swaps of a pruned and a
+            kept weight inside each row, scored by the exact change of the least-squares error and
+            kept only where the error falls (DSnoT-style; row counts unchanged); 0 = off.
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class BESAPruner(L.LightningModule):
         reconstruct: Reconstruct = "auto",
         reconstruct_reference: Reference = "layer",
         reconstruct_solve: Solve = "exact",
+        reconstruct_swaps: int = 10,
     ) -> None:
         super().__init__()
         self.settings = PruneSettings(
@@ -115,6 +119,7 @@ class BESAPruner(L.LightningModule):
             target_mode=target_mode, optimizer=optimizer, lr=lr, d_coef=d_coef, epochs_per_block=epochs_per_block,
             dtype=dtype, activation_dtype=activation_dtype, quant=quant, exact_sparsity=exact_sparsity,
             reconstruct=reconstruct, reconstruct_reference=reconstruct_reference, reconstruct_solve=reconstruct_solve,
+            reconstruct_swaps=reconstruct_swaps,
         )
         self.pretrained = pretrained
         self.save_hyperparameters()

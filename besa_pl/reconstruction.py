@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .distributed import mean_over_ranks
+from .mask_swaps import swap_refine
 from .masked_solve import masked_least_squares
 from .models import call_block, prunable_linears
 from .obs import (
@@ -106,13 +107,15 @@ def reconstruct_block(
     log: Callable[[str], None] | None = None,
     reselect: str | None = None,
     exact: bool = False,
+    swaps: int = 0,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Re-solve the kept weights of `block` in place, group by group; returns (scale, zero) per
     linear when `grids` quantizes. `dense` holds W0 per linear, `masks` the final keep-masks;
     `reference_inputs` are the inputs of the reference forward (None = `inputs`). With `reselect`,
     the masks give only how many weights each row prunes per column block, and the sweep picks
     which (`masks` is updated in place). With `exact`, the kept weights are then solved to the
-    optimum for the final mask (`masked_solve`); a quantizing grid is applied after that, by a
+    optimum for the final mask (`masked_solve`), the mask refined by up to `swaps` rounds of swaps
+    inside each row (`mask_swaps`, counts unchanged); a quantizing grid is applied after that, by a
     second sweep under the mask."""
     linears = prunable_linears(block)
     for name, linear in linears.items():  # start from the masked dense weights
@@ -159,6 +162,8 @@ def reconstruct_block(
                                              grid=None if exact else grid, log=log)
             if exact:
                 weight = masked_least_squares(weight, start, hessian, keep)
+                if swaps:
+                    weight, keep = swap_refine(weight, start, hessian, keep, swaps)
                 if grid is not None:  # the optimum's error is orthogonal to the mask: sweep from it
                     weight, keep, params = obs_sweep(weight, hessian, keep=keep, grid=grid, log=log)
             masks[name] = keep

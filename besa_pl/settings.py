@@ -67,6 +67,7 @@ class PruneSettings:
     reconstruct: Reconstruct = "auto"
     reconstruct_reference: Reference = "layer"
     reconstruct_solve: Solve = "exact"
+    reconstruct_swaps: int = 10
 
     def __post_init__(self) -> None:
         for name, hint in get_type_hints(type(self)).items():
@@ -79,6 +80,7 @@ class PruneSettings:
             raise BesaError(f"model.sparsity={self.sparsity}: must be strictly between 0 and 1 (e.g. 0.5)")
         at_least("model.num_candidates", self.num_candidates, 2)
         at_least("model.epochs_per_block", self.epochs_per_block, 1)
+        at_least("model.reconstruct_swaps", self.reconstruct_swaps, 0)
         for name in ("smoothing_scale", "lr", "d_coef"):
             positive(f"model.{name}", getattr(self, name))
         at_least("model.penalty_weight", self.penalty_weight, 0)
@@ -141,6 +143,8 @@ class PruneSettings:
                    "per row and column block", "obs_row": "SparseGPT's sweep choosing within its per-row counts",
                    "obs_layer": "SparseGPT's sweep choosing within its per-layer counts"}[self.reconstruction]
             solve = ", masked least squares" if self.reconstruct_solve == "exact" else ""
+            if self.reconstruct_solve == "exact" and self.reconstruct_swaps:
+                solve += f", {self.reconstruct_swaps} rounds of swaps"
             text += f" + {how} ({self.reconstruct_reference} reference{solve})"
         if self.quant.enabled:
             text += f", {self.quant.bits}-bit weights"

@@ -8,6 +8,7 @@ from besa_pl.activations import capture_block_inputs, run_block
 from besa_pl.block import BESABlock
 from besa_pl.importance import InputStatistics, importance_scores, row_ranks
 from besa_pl.loss import reconstruction_loss
+from besa_pl.mask_swaps import swap_refine
 from besa_pl.masked_solve import masked_least_squares
 from besa_pl.models import decoder_blocks, load_model, prunable_linears
 from besa_pl.obs import (
@@ -131,6 +132,24 @@ def test_masked_least_squares_is_the_optimum_for_the_mask_and_beats_the_sweep():
     assert error(solved) < 0.95 * error(swept)  # the sweep leaves error the mask does not force
 
 
+def test_swaps_keep_every_rows_count_and_lower_the_error_of_the_exact_solve():
+    x = correlated_inputs()
+    h = gram(x)
+    h[:, 5] = h[5, :] = 0  # an input that is never active: its weights take no part in swaps
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(13))
+    swept, keep, _ = obs_sweep(weight, h, select=RowBudgetSelect(torch.rand(16, 64, generator=torch.Generator().manual_seed(14)) > 0.5))
+    solved = masked_least_squares(swept, weight, h, keep, iterations=200)
+    refined, new_keep = swap_refine(solved, weight, h, keep, rounds=10)
+    assert torch.equal(new_keep.sum(dim=1), keep.sum(dim=1))  # each row's count, so the exact sparsity
+    assert torch.equal(new_keep[:, 5], keep[:, 5])
+    assert not torch.equal(new_keep, keep)  # the sweep's greedy choice is improvable here
+    assert torch.all(refined[~new_keep] == 0)
+    damped = h + 0.01 * torch.diag(h).mean() * torch.eye(64)
+    objective = lambda w: (((w - weight) @ damped) * (w - weight)).sum(dim=1)  # noqa: E731
+    assert torch.all(objective(refined) <= objective(solved) * (1 + 1e-5))  # no row gets worse
+    assert objective(refined).sum() < 0.97 * objective(solved).sum()
+
+
 @pytest.fixture(scope="module")
 def tiny_block(tiny_model_dir):
     model, _ = load_model(str(tiny_model_dir("llama")))
@@ -147,8 +166,9 @@ def test_true_sequential_groups_follow_the_blocks_call_order(tiny_block):
         ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
-@pytest.mark.parametrize("reference, exact", [("layer", False), ("target", False), ("layer", True)])
-def test_block_reconstruction_lowers_the_block_output_error(reference, exact, tiny_block):
+@pytest.mark.parametrize("reference, exact, swaps", [("layer", False, 0), ("target", False, 0), ("layer", True, 0),
+                                                     ("layer", True, 10)])
+def test_block_reconstruction_lowers_the_block_output_error(reference, exact, swaps, tiny_block):
     block, inputs, kwargs = tiny_block
     linears = prunable_linears(block)
     dense = {name: linear.weight.detach().clone() for name, linear in linears.items()}
@@ -160,18 +180,22 @@ def test_block_reconstruction_lowers_the_block_output_error(reference, exact, ti
             for name, linear in linears.items():
                 linear.weight.copy_(dense[name] * masks[name])
         masked_error = reconstruction_loss(run_block(block, inputs, kwargs, "cpu"), target)
-        reconstruct_block(block, dense, dict(masks), inputs, None, kwargs, "cpu", reference, exact=exact)
+        final = dict(masks)
+        reconstruct_block(block, dense, final, inputs, None, kwargs, "cpu", reference, exact=exact, swaps=swaps)
         rebuilt_error = reconstruction_loss(run_block(block, inputs, kwargs, "cpu"), target)
         assert rebuilt_error < 0.9 * masked_error
         for name, linear in linears.items():
-            assert torch.equal(linear.weight != 0, masks[name])  # exactly the given masks, so the sparsity holds
+            assert torch.equal(linear.weight != 0, final[name])
+            assert torch.equal(final[name].sum(dim=1), masks[name].sum(dim=1))  # every row's count holds
+            assert torch.equal(final[name], masks[name]) or swaps  # only swaps move a weight in or out
     finally:
         with torch.no_grad():
             for name, linear in linears.items():
                 linear.weight.copy_(dense[name])
 
 
-def test_exact_solve_with_joint_quantization_puts_every_kept_weight_on_its_grid(tiny_block):
+@pytest.mark.parametrize("swaps", [0, 10])
+def test_exact_solve_with_joint_quantization_puts_every_kept_weight_on_its_grid(swaps, tiny_block):
     block, inputs, kwargs = tiny_block
     linears = prunable_linears(block)
     dense = {name: linear.weight.detach().clone() for name, linear in linears.items()}
@@ -179,11 +203,14 @@ def test_exact_solve_with_joint_quantization_puts_every_kept_weight_on_its_grid(
     masks = {name: torch.rand(w.shape, generator=g) > 0.5 for name, w in dense.items()}
     grids = {name: QuantGrid(4, None) for name in linears}
     try:
-        qparams = reconstruct_block(block, dense, dict(masks), inputs, None, kwargs, "cpu", "layer", grids, exact=True)
+        final = dict(masks)
+        qparams = reconstruct_block(block, dense, final, inputs, None, kwargs, "cpu", "layer", grids, exact=True,
+                                    swaps=swaps)
         for name, linear in linears.items():
             weight = linear.weight.detach()
-            assert torch.all(weight[~masks[name]] == 0)
-            assert torch.equal(apply_params(weight, 4, None, *qparams[name]) * masks[name], weight)
+            assert torch.all(weight[~final[name]] == 0)
+            assert torch.equal(final[name].sum(dim=1), masks[name].sum(dim=1))
+            assert torch.equal(apply_params(weight, 4, None, *qparams[name]) * final[name], weight)
     finally:
         with torch.no_grad():
             for name, linear in linears.items():

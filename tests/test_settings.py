@@ -28,6 +28,7 @@ ADVERTISED = [
     ["--model.reconstruct", "obs_layer"],
     ["--model.reconstruct_reference", "target"],
     ["--model.reconstruct_solve", "sweep"],
+    ["--model.reconstruct_swaps", "0"],
     ["--data.batch_size", "2"],
     ["--model.epochs_per_block", "2"],
 ]

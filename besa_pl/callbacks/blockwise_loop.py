@@ -227,7 +227,7 @@ class BlockwiseLoop(Callback):
                 cache.block_kwargs[index], device, s.reconstruct_reference, grids,
                 log=lambda msg: console.print(f"[yellow]block {index} reconstruction:[/] {msg}"),
                 reselect={"obs_select": "block", "obs_row": "row", "obs_layer": "layer"}.get(s.reconstruction),
-                exact=s.reconstruct_solve == "exact")
+                exact=s.reconstruct_solve == "exact", swaps=s.reconstruct_swaps)
         if s.dense_trajectory:
             cache.dense_inputs = cache.targets
         cache.targets = None
