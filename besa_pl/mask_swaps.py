@@ -45,8 +45,8 @@ def swap_refine(
         removable = keep & alive
         gain = torch.where(revivable, gradient.square() / diag, torch.full_like(w, -1.0))
         cost = torch.where(removable, w.square() * diag - 2 * w * gradient, torch.full_like(w, float("inf")))
-        j = gain.topk(min(pairs, columns), dim=1).indices
-        i = (-cost).topk(min(pairs, columns), dim=1).indices
+        j = gain.topk(pairs, dim=1).indices
+        i = (-cost).topk(pairs, dim=1).indices
         w_i, g_j = w.gather(1, i), gradient.gather(1, j)
         coupled = g_j - w_i * h[i, j]
         change = w_i.square() * diag[i] - 2 * w_i * gradient.gather(1, i) - coupled.square() / diag[j]

@@ -29,12 +29,11 @@ def damped_gram(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor]:
 
 
 def conjugate_gradients(w: Tensor, start: Tensor, h: Tensor, free: Tensor, iterations: int,
-                        tolerance: float = 1e-8, gradient: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                        tolerance: float = 1e-8) -> tuple[Tensor, Tensor]:
     """Lower (w - start) h (w - start)^T row by row over the entries where `free` is 1, in place.
     Returns (w, its gradient (w - start) h), the gradient kept up to date from the products CG needs
-    anyway; pass it in when known."""
-    if gradient is None:
-        gradient = (w - start) @ h
+    anyway."""
+    gradient = (w - start) @ h
     diag = torch.diag(h).view(1, -1)
     residual = -gradient * free  # minus the gradient on the free weights
     direction = residual / diag
