@@ -88,7 +88,11 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
     lines += [f"Calibration: {samples} x {tokens} tokens of the local C4 train excerpt (`c4/c4_sample.jsonl`, the first 1000",
               "documents of shard 00000), seed 0, the SparseGPT/Wanda recipe. Zero-shot: full local task files",
               "(hellaswag has none), acc. Commands:", ""] + [f"    {c}" for c in commands] + [""]
-    notes = sorted({f"- {r['run']}: {r['note']}" for r in shown if r.get("note")})  # e.g. a run renamed later
+    notes = {f"- {r['run']}: {r['note']}" for r in shown if r.get("note")}  # e.g. a run renamed later
+    # zero-shot added later to a stored run (`--zero-shot`) ran on its own commit, from the pruned model
+    notes |= {f"- {r['run']} at {r['sparsity']}: zero-shot added at commit {r['zero_shot_commit']} from the stored "
+              "pruned model (same command with `--zero-shot`)" for r in shown if r.get("zero_shot_commit")}
+    notes = sorted(notes)
     lines += (["Notes:", ""] + notes + [""]) if notes else []
     # 128 x 512 is the reporting calibration (the paper's): its table is quality.md, smaller screens get a suffix
     stem = "quality" if calibration == "128x512" else f"quality-{calibration}"
