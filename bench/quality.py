@@ -99,16 +99,17 @@ def run_one(name: str, settings: dict, sparsity: float, args) -> dict:
     return results
 
 
-def evaluate_stored(stored: dict, pruned: Path, args) -> dict:
-    """Adds the full zero-shot evaluation to a stored run from its pruned model (no pruning again)."""
+def evaluate_stored(stored: dict, source: str, root: Path, args) -> dict:
+    """Adds the full zero-shot evaluation to a stored run from its saved model (no pruning or
+    perplexity again)."""
     from besa_pl import BESAPruner, CalibrationDataModule
     from besa_pl.callbacks import ZeroShotEval
     from besa_pl.runtime import make_trainer
 
-    pruner = BESAPruner(pretrained=str(pruned), method="dense", dtype=args.dtype)
+    pruner = BESAPruner(pretrained=source, method="dense", dtype=args.dtype)
     data = CalibrationDataModule(nsamples=1, seqlen=16, seed=0, data_dir=args.data_dir, dataset="c4")
     callbacks = [ZeroShotEval(limit=args.zero_shot_limit, batch_size=32)]
-    trainer = make_trainer(pruned.parent / "zero-shot", callbacks, accelerator="cpu", devices=1, logger=False,
+    trainer = make_trainer(root / "zero-shot", callbacks, accelerator="cpu", devices=1, logger=False,
                            enable_progress_bar=False)
     start = time.perf_counter()
     trainer.fit(pruner, datamodule=data)
@@ -142,16 +143,20 @@ def measure(args) -> None:
     for sparsity in args.sparsities:
         for spec in args.runs:
             name, settings = parse_run(spec)
-            if settings.get("method") == "dense" and sparsity != args.sparsities[0]:
+            dense = settings.get("method") == "dense"
+            if dense and sparsity != args.sparsities[0]:
                 continue  # the dense row does not depend on the sparsity
-            path = result_path(args, name, 0.0 if settings.get("method") == "dense" else sparsity)
+            path = result_path(args, name, 0.0 if dense else sparsity)
             stored = json.loads(path.read_text()) if path.exists() and not args.force else None
             if stored is not None and satisfied(stored, args, sparsity):
                 print(f"{path.name}: stored, skipped")
                 continue
-            pruned = Path(args.out) / args.model / f"{name}-s{sparsity}" / "pruned"
-            if stored is not None and satisfied(stored, args, sparsity, zero_shot=False) and pruned.is_dir():
-                results = evaluate_stored(stored, pruned, args)  # only the zero-shot evaluation is missing
+            root = Path(args.out) / args.model / f"{name}-s{sparsity}"
+            # the dense model is the pretrained one; a pruned run saved its model under root/pruned
+            source = args.model if dense else str(root / "pruned")
+            saved = dense or Path(source).is_dir()
+            if stored is not None and satisfied(stored, args, sparsity, zero_shot=False) and saved:
+                results = evaluate_stored(stored, source, root, args)  # only the zero-shot evaluation is missing
             else:
                 results = run_one(name, settings, sparsity, args)
             path.parent.mkdir(parents=True, exist_ok=True)
