@@ -11,7 +11,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("BESA_TEST_DATA", REPO.parent / "shared" / "data"))
+# The data folder the product reads too (BESA_DATA_DIR); next to the clone by default, as CI lays it out.
+DATA_DIR = Path(os.environ.get("BESA_DATA_DIR") or os.environ.get("BESA_TEST_DATA") or REPO.parent / "shared" / "data")
 WIKI_TEST = DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"
 
 
@@ -20,6 +21,8 @@ def tiny_tokenizer(folder: Path):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
+    if not WIKI_TEST.exists():
+        pytest.skip(f"data folder not found at {DATA_DIR} (set BESA_DATA_DIR)")
     lines = WIKI_TEST.read_text(encoding="utf-8").splitlines()[:2000]
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(lines, vocab_size=512, min_frequency=2, special_tokens=["<s>", "</s>"])
@@ -71,7 +74,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def calibration_text():
     if not WIKI_TEST.exists():
-        pytest.skip(f"shared data not found at {DATA_DIR}")
+        pytest.skip(f"data folder not found at {DATA_DIR} (set BESA_DATA_DIR)")
     return WIKI_TEST
 
 
