@@ -10,6 +10,9 @@ from pathlib import Path
 
 ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "besa-paper", "besa-paper-exact", "wanda-obs", "besa-sweep",
          "besa-exact", "besa"]
+# One colour per method in every panel (matplotlib's cycle without its grey, the dense line's); the default in black.
+COLOURS = {"magnitude": "C0", "wanda": "C1", "sparsegpt": "C2", "besa-paper": "C3", "besa-paper-exact": "C9",
+           "wanda-obs": "C4", "besa-sweep": "C5", "besa-exact": "C6", "besa": "black"}
 TASKS = ["piqa", "boolq", "winogrande", "arc_easy", "arc_challenge"]
 
 
@@ -118,7 +121,8 @@ def plot(runs: list[dict], path: Path) -> None:
                 series[run["run"]].append((run["sparsity"], _ppl(run, "wikitext2", count)))
         for name in [n for n in ORDER if n in series]:
             points = sorted(series[name])
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name, color=COLOURS[name],
+                      linewidth=2.5 if name == "besa" else 1.5)
         dense = _dense_on(model_runs, count)
         if dense:
             axis.axhline(_ppl(dense, "wikitext2", count), color="gray", linestyle="--", label="dense")
