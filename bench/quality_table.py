@@ -8,6 +8,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from besa_pl.callbacks.zero_shot import task_means
+
 ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "besa-paper", "besa-paper-exact", "wanda-obs", "besa-sweep",
          "besa-exact", "besa"]
 # One colour per method in every panel (matplotlib's cycle without its grey, the dense line's); the default in black.
@@ -69,8 +71,8 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
             sparsegpt = next((r for r in rows if r["run"] == "sparsegpt"), None)
             lines += [f"### sparsity {sparsity}: WikiText2 perplexity at 2048 over the first {count} windows", "",
                       "| method | realised sparsity | WikiText2 | distance to dense / SparseGPT's | first 40 windows | " +
-                      " | ".join(TASKS) + " | mean acc | commit |",
-                      "|---" * (7 + len(TASKS)) + "|"]
+                      " | ".join(TASKS) + " | mean acc | mean acc_norm | commit |",
+                      "|---" * (8 + len(TASKS)) + "|"]
             shown += rows
             for run in rows:
                 ppl = _ppl(run, "wikitext2", count)
@@ -80,7 +82,10 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
                     ratio = f"{(ppl - d) / (_ppl(sparsegpt, 'wikitext2', count) - d):.3f}"
                 zero = run.get("zero_shot", {}) if run.get("zero_shot", {}).get("limit") is None else {}
                 accs = [f"{100 * zero['tasks'][t]['acc']:.2f}" if t in zero.get("tasks", {}) else "-" for t in TASKS]
-                mean = f"{100 * zero['mean_acc']:.2f}" if zero.get("mean_acc") is not None else "-"
+                # runs stored before mean_acc_norm existed: recomputed from their per-task scores
+                means = task_means(zero.get("tasks", {})) if zero else {}
+                mean = " | ".join(f"{100 * means[m]:.2f}" if means.get(m) is not None else "-"
+                                  for m in ("mean_acc", "mean_acc_norm"))
                 lines.append(f"| {run['run']} | {run['realised_sparsity']:.4f} | {_fmt(ppl)} | {ratio} | "
                              f"{_fmt(_ppl(run, 'wikitext2', 40))} | "
                              + " | ".join(accs) + f" | {mean} | {run.get('commit', '?')} |")
@@ -90,7 +95,8 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
     samples, tokens = calibration.split("x")
     lines += [f"Calibration: {samples} x {tokens} tokens of the local C4 train excerpt (`c4/c4_sample.jsonl`, the first 1000",
               "documents of shard 00000), seed 0, the SparseGPT/Wanda recipe. Zero-shot: full local task files",
-              "(hellaswag has none), acc. Commands:", ""] + [f"    {c}" for c in commands] + [""]
+              "(hellaswag has none), acc; mean acc_norm averages acc_norm where a task has it (piqa, arc), acc",
+              "elsewhere. Commands:", ""] + [f"    {c}" for c in commands] + [""]
     notes = {f"- {r['run']}: {r['note']}" for r in shown if r.get("note")}  # e.g. a run renamed later
     # zero-shot added later to a stored run (`--zero-shot`) ran on its own commit, from the pruned model
     notes |= {f"- {r['run']} at {r['sparsity']}: zero-shot added at commit {r['zero_shot_commit']} from the stored "

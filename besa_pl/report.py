@@ -32,8 +32,9 @@ def result_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append((f"{name} {metric}", f"{100 * value:.2f}"))
     for name, reason in zero_shot.get("skipped", {}).items():
         rows.append((f"{name}", f"skipped: {reason}"))
-    if zero_shot.get("mean_acc") is not None:
-        rows.append(("zero-shot mean acc", f"{100 * zero_shot['mean_acc']:.2f}"))
+    for metric in ("mean_acc", "mean_acc_norm"):
+        if zero_shot.get(metric) is not None:
+            rows.append((f"zero-shot {metric.replace('_', ' ')}", f"{100 * zero_shot[metric]:.2f}"))
     return rows
 
 

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from besa_pl.callbacks.perplexity import evaluation_text, perplexity, windows
+from besa_pl.callbacks.zero_shot import task_means
 from besa_pl.models import decoder_blocks, demo_model_dir
 
 from .conftest import DATA_DIR, run_cli
@@ -50,6 +51,12 @@ def test_dense_demo_wikitext2_window_count_and_finite_perplexity(demo_dir):
     assert torch.isfinite(torch.tensor(value)) and 5 < value < 60
 
 
+def test_zero_shot_mean_acc_norm_counts_acc_where_a_task_has_none():
+    means = task_means({"piqa": {"acc": 0.6, "acc_norm": 0.5}, "boolq": {"acc": 0.4}})
+    assert means == {"mean_acc": pytest.approx(0.5), "mean_acc_norm": pytest.approx(0.45)}
+    assert task_means({}) == {"mean_acc": None, "mean_acc_norm": None}
+
+
 def test_zero_shot_on_local_files_marks_hellaswag_skipped(demo_dir, tmp_path, capfd):
     config = tmp_path / "zs.yaml"
     config.write_text(
@@ -67,6 +74,9 @@ def test_zero_shot_on_local_files_marks_hellaswag_skipped(demo_dir, tmp_path, ca
     assert all(0.0 <= v <= 1.0 for scores in results["tasks"].values() for v in scores.values())
     assert "hellaswag" in results["skipped"] and "no local data" in results["skipped"]["hellaswag"]
     assert results["versions"]["piqa"] is not None
+    tasks = results["tasks"]
+    assert results["mean_acc"] == pytest.approx((tasks["piqa"]["acc"] + tasks["arc_easy"]["acc"]) / 2)
+    assert results["mean_acc_norm"] == pytest.approx((tasks["piqa"]["acc_norm"] + tasks["arc_easy"]["acc_norm"]) / 2)
     err = capfd.readouterr().err
     assert "zero-shot piqa: acc" in err
     for bar in ("Running loglikelihood", "Generating validation split", "Tokenizing inputs", "%|"):

@@ -12,6 +12,17 @@ from ..errors import BesaError, at_least
 from ..zero_shot_tasks import TASKS, local_task_configs
 
 
+def task_means(tasks: dict[str, dict[str, float]]) -> dict[str, float | None]:
+    """The tasks' mean acc, and mean acc_norm (a task without acc_norm, boolq or winogrande, counts its acc).
+
+    Papers differ in which of the two they average for piqa / arc / hellaswag, so both are reported.
+    """
+    accs = [scores["acc"] for scores in tasks.values() if "acc" in scores]
+    norms = [scores.get("acc_norm", scores["acc"]) for scores in tasks.values() if "acc" in scores]
+    return {"mean_acc": sum(accs) / len(accs) if accs else None,
+            "mean_acc_norm": sum(norms) / len(norms) if norms else None}
+
+
 class ZeroShotEval(Callback):
     """Zero-shot accuracy (acc, and acc_norm where the task has it) through lm-eval's HFLM.
 
@@ -92,8 +103,7 @@ class ZeroShotEval(Callback):
                 results["tasks"][name] = scores
                 results["versions"][name] = out.get("versions", {}).get(name)
                 console.print(f"zero-shot {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-        accs = [scores["acc"] for scores in results["tasks"].values() if "acc" in scores]
-        results["mean_acc"] = sum(accs) / len(accs) if accs else None
+        results.update(task_means(results["tasks"]))
         pruner.results["zero_shot"] = results
         if trainer.logger is not None:
             flat = {f"zero_shot/{t}/{k}": v for t, s in results["tasks"].items() for k, v in s.items()}
