@@ -100,7 +100,10 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
     notes = {f"- {r['run']}: {r['note']}" for r in shown if r.get("note")}  # e.g. a run renamed later
     # zero-shot added later to a stored run (`--zero-shot`) ran on its own commit, from the pruned model
     notes |= {f"- {r['run']} at {r['sparsity']}: zero-shot added at commit {r['zero_shot_commit']} from the stored "
-              "pruned model (same command with `--zero-shot`)" for r in shown if r.get("zero_shot_commit")}
+              "pruned model (same command with `--zero-shot`)" for r in shown if r.get("zero_shot_commit")
+              and r["run"] != "dense"}
+    notes |= {f"- dense: zero-shot added at commit {r['zero_shot_commit']} on the pretrained model (a command above "
+              "with `--zero-shot`)" for r in shown if r.get("zero_shot_commit") and r["run"] == "dense"}
     notes = sorted(notes)
     lines += (["Notes:", ""] + notes + [""]) if notes else []
     # 128 x 512 is the reporting calibration (the paper's): its table is quality.md, smaller screens get a suffix
