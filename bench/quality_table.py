@@ -98,12 +98,11 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
               "(hellaswag has none), acc; mean acc_norm averages acc_norm where a task has it (piqa, arc), acc",
               "elsewhere. Commands:", ""] + [f"    {c}" for c in commands] + [""]
     notes = {f"- {r['run']}: {r['note']}" for r in shown if r.get("note")}  # e.g. a run renamed later
-    # zero-shot added later to a stored run (`--zero-shot`) ran on its own commit, from the pruned model
-    notes |= {f"- {r['run']} at {r['sparsity']}: zero-shot added at commit {r['zero_shot_commit']} from the stored "
-              "pruned model (same command with `--zero-shot`)" for r in shown if r.get("zero_shot_commit")
-              and r["run"] != "dense"}
-    notes |= {f"- dense: zero-shot added at commit {r['zero_shot_commit']} on the pretrained model (a command above "
-              "with `--zero-shot`)" for r in shown if r.get("zero_shot_commit") and r["run"] == "dense"}
+    # zero-shot added later to a stored run (`--zero-shot`) ran on its own commit, from the stored pruned model
+    # (dense: the pretrained one)
+    notes |= {f"- {r['run']}" + ("" if r["run"] == "dense" else f" at {r['sparsity']}") + ": zero-shot added at commit "
+              f"{r['zero_shot_commit']} from the " + ("pretrained" if r["run"] == "dense" else "stored pruned") +
+              " model (same command with `--zero-shot`)" for r in shown if r.get("zero_shot_commit")}
     notes = sorted(notes)
     lines += (["Notes:", ""] + notes + [""]) if notes else []
     # 128 x 512 is the reporting calibration (the paper's): its table is quality.md, smaller screens get a suffix
