@@ -49,10 +49,11 @@ def sparsegpt_prune(
     structure: tuple[int, int] | None = None,
     grid: QuantGrid | None = None,
     log: Callable[[str], None] | None = None,
+    percdamp: float = 0.01,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
     """SparseGPT: choose the mask during the OBS sweep and update the kept weights (quantizing them
     too, GPTQ-style, with a `grid`). Returns (new weight in fp32, keep mask, (scale, zero) or None)."""
-    return obs_sweep(weight, hessian, select=SaliencySelect(sparsity, structure), grid=grid, log=log)
+    return obs_sweep(weight, hessian, select=SaliencySelect(sparsity, structure), grid=grid, percdamp=percdamp, log=log)
 
 
 @torch.no_grad()
@@ -65,12 +66,13 @@ def prune_linear(
     structure: tuple[int, int] | None = None,
     grid: QuantGrid | None = None,
     log: Callable[[str], None] | None = None,
+    percdamp: float = 0.01,
 ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
     """Prune one linear in place with a one-shot method; returns its keep mask and, when SparseGPT
     quantized inside its sweep (`grid`), the (scale, zero) per group."""
     weight = linear.weight
     if method == "sparsegpt":
-        new_weight, keep, qparams = sparsegpt_prune(weight, stats.hessian, sparsity, structure, grid, log=log)
+        new_weight, keep, qparams = sparsegpt_prune(weight, stats.hessian, sparsity, structure, grid, log=log, percdamp=percdamp)
         weight.copy_((new_weight * keep).to(weight.dtype))
         return keep, (qparams[0].cpu(), qparams[1].cpu()) if qparams is not None else None
     if method == "magnitude":

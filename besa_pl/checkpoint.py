@@ -20,6 +20,9 @@ from .atomic import atomic_file
 from .errors import BesaError
 
 FORMAT_VERSION = 2
+# Settings added since this format, with the value every earlier checkpoint ran with (the code
+# had it fixed): a checkpoint without the key resumes as if it held that value.
+ADDED_SETTINGS = {"model.percdamp": 0.01}
 
 
 def tensor_fingerprint(tensor: torch.Tensor) -> str:
@@ -76,7 +79,7 @@ def check_resume(checkpoint: dict[str, Any], pruner, datamodule) -> dict[str, An
             f"(fingerprint {state.get('model_fingerprint')} vs {now}); resume with the same "
             "model.pretrained or start a new run in another trainer.default_root_dir"
         )
-    saved, current = state["settings"], result_settings(pruner, datamodule)
+    saved, current = {**ADDED_SETTINGS, **state["settings"]}, result_settings(pruner, datamodule)
     differ = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
     if differ:
         listed = ", ".join(f"{key}={saved.get(key)!r} in the checkpoint but {current.get(key)!r} now" for key in differ)

@@ -81,6 +81,9 @@ class BESAPruner(L.LightningModule):
         reconstruct_swaps: with the exact solve, up to this many rounds of swaps of a pruned and a
             kept weight inside each row, scored by the exact change of the least-squares error and
             kept only where the error falls (DSnoT-style; row counts unchanged); 0 = off.
+        percdamp: SparseGPT's damping, lambda = percdamp x the mean diagonal of each input Gram, in
+            every OBS sweep and solve (the SparseGPT baseline and the reconstruction); larger values
+            keep the kept weights closer to their dense values.
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class BESAPruner(L.LightningModule):
         reconstruct_reference: Reference = "layer",
         reconstruct_solve: Solve = "exact",
         reconstruct_swaps: int = 10,
+        percdamp: float = 0.01,
     ) -> None:
         super().__init__()
         self.settings = PruneSettings(
@@ -119,7 +123,7 @@ class BESAPruner(L.LightningModule):
             target_mode=target_mode, optimizer=optimizer, lr=lr, d_coef=d_coef, epochs_per_block=epochs_per_block,
             dtype=dtype, activation_dtype=activation_dtype, quant=quant, exact_sparsity=exact_sparsity,
             reconstruct=reconstruct, reconstruct_reference=reconstruct_reference, reconstruct_solve=reconstruct_solve,
-            reconstruct_swaps=reconstruct_swaps,
+            reconstruct_swaps=reconstruct_swaps, percdamp=percdamp,
         )
         self.pretrained = pretrained
         self.save_hyperparameters()

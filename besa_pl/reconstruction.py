@@ -108,6 +108,7 @@ def reconstruct_block(
     reselect: str | None = None,
     exact: bool = False,
     swaps: int = 0,
+    percdamp: float = 0.01,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Re-solve the kept weights of `block` in place, group by group; returns (scale, zero) per
     linear when `grids` quantizes. `dense` holds W0 per linear, `masks` the final keep-masks;
@@ -116,7 +117,7 @@ def reconstruct_block(
     which (`masks` is updated in place). With `exact`, the kept weights are then solved to the
     optimum for the final mask (`masked_solve`), the mask refined by up to `swaps` rounds of swaps
     inside each row (`mask_swaps`, counts unchanged); a quantizing grid is applied after that, by a
-    second sweep under the mask."""
+    second sweep under the mask. Every sweep and solve damps the Gram by `percdamp` x its mean diagonal."""
     linears = prunable_linears(block)
     for name, linear in linears.items():  # start from the masked dense weights
         linear.weight.copy_((dense[name].to(linear.weight.device) * masks[name].to(linear.weight.device)).to(linear.weight.dtype))
@@ -153,19 +154,19 @@ def reconstruct_block(
             linear = linears[name]
             start = dense[name].to(device).float()
             if cross is not None:
-                start = least_squares_start(start, hessian, cross)
+                start = least_squares_start(start, hessian, cross, percdamp)
             mask = masks[name].to(device)
             select = {"block": CountSelect, "row": RowBudgetSelect, "layer": LayerBudgetSelect}[reselect](mask) \
                 if reselect else None
             grid = (grids or {}).get(name)
             weight, keep, params = obs_sweep(start, hessian, keep=None if select else mask, select=select,
-                                             grid=None if exact else grid, log=log)
+                                             grid=None if exact else grid, percdamp=percdamp, log=log)
             if exact:
-                weight = masked_least_squares(weight, start, hessian, keep)
+                weight = masked_least_squares(weight, start, hessian, keep, percdamp)
                 if swaps:
-                    weight, keep = swap_refine(weight, start, hessian, keep, swaps)
+                    weight, keep = swap_refine(weight, start, hessian, keep, swaps, percdamp)
                 if grid is not None:  # the optimum's error is orthogonal to the mask: sweep from it
-                    weight, keep, params = obs_sweep(weight, hessian, keep=keep, grid=grid, log=log)
+                    weight, keep, params = obs_sweep(weight, hessian, keep=keep, grid=grid, percdamp=percdamp, log=log)
             masks[name] = keep
             linear.weight.copy_((weight * keep).to(linear.weight.dtype))
             if params is not None:

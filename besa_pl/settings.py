@@ -68,6 +68,7 @@ class PruneSettings:
     reconstruct_reference: Reference = "layer"
     reconstruct_solve: Solve = "exact"
     reconstruct_swaps: int = 10
+    percdamp: float = 0.01
 
     def __post_init__(self) -> None:
         for name, hint in get_type_hints(type(self)).items():
@@ -81,7 +82,7 @@ class PruneSettings:
         at_least("model.num_candidates", self.num_candidates, 2)
         at_least("model.epochs_per_block", self.epochs_per_block, 1)
         at_least("model.reconstruct_swaps", self.reconstruct_swaps, 0)
-        for name in ("smoothing_scale", "lr", "d_coef"):
+        for name in ("smoothing_scale", "lr", "d_coef", "percdamp"):
             positive(f"model.{name}", getattr(self, name))
         at_least("model.penalty_weight", self.penalty_weight, 0)
         if self.method == "besa" and self.smoothing:
@@ -146,6 +147,8 @@ class PruneSettings:
             if self.reconstruct_solve == "exact" and self.reconstruct_swaps:
                 solve += f", {self.reconstruct_swaps} rounds of swaps"
             text += f" + {how} ({self.reconstruct_reference} reference{solve})"
+        if self.percdamp != 0.01 and (self.method == "sparsegpt" or self.reconstruction != "none") and self.pruning:
+            text += f", percdamp {self.percdamp:g}"
         if self.quant.enabled:
             text += f", {self.quant.bits}-bit weights"
         return text

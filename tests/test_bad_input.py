@@ -58,6 +58,7 @@ BAD_SETTINGS = [
     (["--model.d_coef", "-5"], "model.d_coef=-5.0: must be positive"),
     (["--model.epochs_per_block", "0"], "model.epochs_per_block=0: must be at least 1"),
     (["--model.reconstruct_swaps", "-1"], "model.reconstruct_swaps=-1: must be at least 0"),
+    (["--model.percdamp", "0"], "model.percdamp=0.0: must be positive"),
     (["--model.dtype", "int8"], "model.dtype=int8: unknown value; use one of float32, bfloat16, float16"),
     (["--model.activation_dtype", "fp8"], "model.activation_dtype=fp8: unknown value; use one of float32"),
     (["--model.quant.bits", "5"], "model.quant.bits=5: use one of 2, 3, 4, 8"),

@@ -8,7 +8,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from besa_pl.callbacks.perplexity import evaluation_text, perplexity, windows
 from besa_pl.callbacks.zero_shot import task_means
+from besa_pl.errors import BesaError
 from besa_pl.models import decoder_blocks, demo_model_dir
+from besa_pl.zero_shot_compare import compare, paired_difference
 
 from .conftest import DATA_DIR, run_cli
 
@@ -57,6 +59,21 @@ def test_zero_shot_mean_acc_norm_counts_acc_where_a_task_has_none():
     assert task_means({}) == {"mean_acc": None, "mean_acc_norm": None}
 
 
+def test_paired_difference_and_its_standard_error():
+    diff, se, n = paired_difference("1100", "1000")  # d = 0, 1, 0, 0
+    assert (diff, n) == (0.25, 4) and se == pytest.approx(0.25)  # std 0.5 over sqrt(4)
+    assert paired_difference("1010", "1010")[:2] == (0.0, 0.0)  # the same answers: no difference, no noise
+    a = {"items": {"piqa": {"acc": "1100", "acc_norm": "1111"}, "boolq": {"acc": "0000"}}}
+    b = {"items": {"piqa": {"acc": "1000", "acc_norm": "0000"}, "boolq": {"acc": "0011"}}}
+    result = compare(a, b, "acc_norm")  # boolq has no acc_norm: its acc counts, as in mean_acc_norm
+    assert result["tasks"]["piqa"]["difference"] == 1.0 and result["tasks"]["boolq"]["difference"] == -0.5
+    assert result["mean"]["difference"] == pytest.approx(0.25)
+    se_boolq = result["tasks"]["boolq"]["se"]
+    assert result["mean"]["se"] == pytest.approx(se_boolq / 2)  # piqa's differences are all 1: se 0
+    with pytest.raises(BesaError, match="same limit"):
+        paired_difference("110", "1100")
+
+
 def test_zero_shot_on_local_files_marks_hellaswag_skipped(demo_dir, tmp_path, capfd):
     config = tmp_path / "zs.yaml"
     config.write_text(
@@ -77,6 +94,12 @@ def test_zero_shot_on_local_files_marks_hellaswag_skipped(demo_dir, tmp_path, ca
     tasks = results["tasks"]
     assert results["mean_acc"] == pytest.approx((tasks["piqa"]["acc"] + tasks["arc_easy"]["acc"]) / 2)
     assert results["mean_acc_norm"] == pytest.approx((tasks["piqa"]["acc_norm"] + tasks["arc_easy"]["acc_norm"]) / 2)
+    for task, items in results["items"].items():  # every item's score, for paired comparisons
+        for metric, scores in items.items():
+            assert len(scores) == 4 and scores.count("1") / 4 == pytest.approx(tasks[task][metric])
+    # the same run against itself: no difference
+    same = compare(results, results)
+    assert same["mean"] == {"difference": 0.0, "se": 0.0} and same["tasks"]["piqa"]["items"] == 4
     err = capfd.readouterr().err
     assert "zero-shot piqa: acc" in err
     for bar in ("Running loglikelihood", "Generating validation split", "Tokenizing inputs", "%|"):

@@ -43,5 +43,9 @@ def test_corpora_are_joined_as_the_protocol_says():
     assert len(wiki) == len(raw) - 2 * 1467 + 2 * 4357
     ptb, _ = evaluation_text("ptb", str(DATA_DIR))
     assert ptb.startswith("no it was n't black monday but")
+    # the validation split, for choosing settings, never the test sentences
+    valid, source = evaluation_text("ptb-valid", str(DATA_DIR))
+    assert source.endswith("ptb.valid.txt") and valid.startswith("consumers may want to move their telephones")
+    assert "no it was n't black monday but" not in valid
     c4, source = evaluation_text("c4", str(DATA_DIR))
     assert "excerpt" in source and c4.startswith("We offer valet parking")

@@ -194,6 +194,28 @@ def test_block_reconstruction_lowers_the_block_output_error(reference, exact, sw
                 linear.weight.copy_(dense[name])
 
 
+def test_heavier_damping_keeps_the_kept_weights_closer_to_their_dense_values(tiny_block):
+    block, inputs, kwargs = tiny_block
+    linears = prunable_linears(block)
+    dense = {name: linear.weight.detach().clone() for name, linear in linears.items()}
+    g = torch.Generator().manual_seed(21)
+    masks = {name: torch.rand(w.shape, generator=g) > 0.5 for name, w in dense.items()}
+    moved = {}
+    try:
+        for percdamp in (0.01, 1.0, 1e4):
+            final = dict(masks)
+            reconstruct_block(block, dense, final, inputs, None, kwargs, "cpu", "layer", exact=True, swaps=10,
+                              percdamp=percdamp)
+            moved[percdamp] = sum(float((linear.weight - dense[name] * final[name]).norm() / dense[name].norm())
+                                  for name, linear in linears.items())
+    finally:
+        with torch.no_grad():
+            for name, linear in linears.items():
+                linear.weight.copy_(dense[name])
+    assert moved[0.01] > moved[1.0] > moved[1e4]
+    assert moved[1e4] < 1e-2 * moved[0.01]  # lambda >> the Gram: the masked dense weights, not reconstructed
+
+
 @pytest.mark.parametrize("swaps", [0, 10])
 def test_exact_solve_with_joint_quantization_puts_every_kept_weight_on_its_grid(swaps, tiny_block):
     block, inputs, kwargs = tiny_block

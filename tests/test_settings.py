@@ -29,6 +29,7 @@ ADVERTISED = [
     ["--model.reconstruct_reference", "target"],
     ["--model.reconstruct_solve", "sweep"],
     ["--model.reconstruct_swaps", "0"],
+    ["--model.percdamp", "1"],
     ["--data.batch_size", "2"],
     ["--model.epochs_per_block", "2"],
 ]
@@ -53,3 +54,14 @@ def test_setting_fits_to_the_target_and_changes_the_result(extra, default_weight
     if "layer" in extra and "--model.granularity" in extra:
         for block in report["learned_rates"].values():
             assert all(rates["min"] == rates["max"] for rates in block.values())  # one rate per layer
+
+
+def test_results_name_the_variant_and_a_damping_that_differs_from_sparsegpts():
+    from besa_pl.settings import PruneSettings
+
+    default = PruneSettings().variant()
+    assert default.startswith("BESA + SparseGPT's sweep") and "10 rounds of swaps" in default and "percdamp" not in default
+    assert PruneSettings(percdamp=0.1).variant() == default + ", percdamp 0.1"
+    assert PruneSettings(method="sparsegpt", percdamp=0.1).variant() == "SparseGPT, percdamp 0.1"
+    assert PruneSettings(method="wanda", percdamp=0.1).variant() == "Wanda"  # no OBS step: the damping plays no part
+    assert PruneSettings(reconstruct="none").variant() == "BESA (the paper's: no reconstruction)"

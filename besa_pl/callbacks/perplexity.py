@@ -2,6 +2,8 @@
 
 Windows of 2048 tokens that do not overlap, the tail dropped; WikiText2 test rows joined with
 "\n\n", PTB test sentences with " ", the first 1100 C4 validation documents with " " (256 windows).
+For choosing settings without touching a test set: `heldout` (calibration documents not drawn) and
+`ptb-valid` (PTB's validation sentences, joined like its test set: held-out text of another domain).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ C4_DOCUMENTS = 1100
 C4_WINDOWS = 256
 
 
-DATASETS = ("wikitext2", "c4", "ptb", "heldout")
+DATASETS = ("wikitext2", "c4", "ptb", "heldout", "ptb-valid")
 
 
 def evaluation_text(name: str, data_dir: str | None, datamodule=None, tokenizer=None) -> tuple[str, str]:
@@ -33,8 +35,8 @@ def evaluation_text(name: str, data_dir: str | None, datamodule=None, tokenizer=
     if name == "wikitext2":
         docs, source = documents("wikitext2", "test", data_dir, "PerplexityEval.datasets")
         return "\n\n".join(docs), source
-    if name == "ptb":
-        docs, source = documents("ptb", "test", data_dir, "PerplexityEval.datasets")
+    if name in ("ptb", "ptb-valid"):
+        docs, source = documents("ptb", "test" if name == "ptb" else "validation", data_dir, "PerplexityEval.datasets")
         return " ".join(docs), source
     if name == "c4":
         docs, source = documents("c4", "validation", data_dir, "PerplexityEval.datasets")
@@ -105,8 +107,8 @@ class PerplexityEval(Callback):
     """Perplexity of the (pruned) model on WikiText2 / C4 / PTB after pruning.
 
     Args:
-        datasets: any of wikitext2, c4, ptb, and heldout (the calibration source's documents that
-            calibration did not draw: a validation split for choosing settings).
+        datasets: any of wikitext2, c4, ptb, and, for choosing settings, heldout (the calibration
+            source's documents that calibration did not draw) and ptb-valid (PTB's validation split).
         seqlen: window length (2048, the BESA protocol).
         batch_size: windows per forward pass (no effect on the result).
         max_windows: evaluate only the first N windows (quick runs; the table says so).

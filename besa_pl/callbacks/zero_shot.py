@@ -23,8 +23,17 @@ def task_means(tasks: dict[str, dict[str, float]]) -> dict[str, float | None]:
             "mean_acc_norm": sum(norms) / len(norms) if norms else None}
 
 
+def item_scores(samples: list[dict]) -> dict[str, str]:
+    """Each item's acc (and acc_norm) as a string of 0s and 1s in document order: what a paired
+    comparison of two models on the same items needs (`python -m besa_pl.zero_shot_compare`)."""
+    ordered = sorted(samples, key=lambda sample: sample["doc_id"])
+    metrics = [metric for metric in ("acc", "acc_norm") if ordered and metric in ordered[0]]
+    return {metric: "".join("1" if sample[metric] else "0" for sample in ordered) for metric in metrics}
+
+
 class ZeroShotEval(Callback):
-    """Zero-shot accuracy (acc, and acc_norm where the task has it) through lm-eval's HFLM.
+    """Zero-shot accuracy (acc, and acc_norm where the task has it) through lm-eval's HFLM; the
+    results also keep every item's score, so two runs can be compared item by item.
 
     Args:
         tasks: any of piqa, boolq, hellaswag, winogrande, arc_easy, arc_challenge.
@@ -73,7 +82,7 @@ class ZeroShotEval(Callback):
             specs, skipped = [], {name: reason for name in self.tasks}
         for name, reason in skipped.items():
             console.print(f"[yellow]zero-shot {name} skipped:[/] {reason}")
-        results = {"skipped": skipped, "tasks": {}, "versions": {}, "limit": self.limit}
+        results = {"skipped": skipped, "tasks": {}, "versions": {}, "items": {}, "limit": self.limit}
         model, device = None, None
         if specs:
             try:
@@ -92,7 +101,7 @@ class ZeroShotEval(Callback):
                 try:
                     with third_party_output():  # datasets' and lm-eval's bars
                         out = simple_evaluate(model=lm, tasks=[spec], task_manager=manager, limit=self.limit,
-                                              bootstrap_iters=0, log_samples=False, verbosity="ERROR")
+                                              bootstrap_iters=0, log_samples=True, verbosity="ERROR")
                 except Exception as error:  # missing data (offline hub, ...): report, never drop silently
                     skipped[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
                     console.print(f"[yellow]zero-shot {name} skipped:[/] {skipped[name]}")
@@ -102,6 +111,7 @@ class ZeroShotEval(Callback):
                           if key.split(",")[0] in ("acc", "acc_norm") and isinstance(value, float)}
                 results["tasks"][name] = scores
                 results["versions"][name] = out.get("versions", {}).get(name)
+                results["items"][name] = item_scores(out.get("samples", {}).get(name, []))
                 console.print(f"zero-shot {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         results.update(task_means(results["tasks"]))
         pruner.results["zero_shot"] = results
