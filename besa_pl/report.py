@@ -11,6 +11,23 @@ from rich.table import Table
 from .atomic import write_json_atomic
 
 
+def environment() -> dict[str, Any]:
+    """The software and threads a result came from: the same code can give other floats (and so
+    other masks) under another torch / transformers version or thread count."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    found = {"python": platform.python_version(), "torch_threads": torch.get_num_threads()}
+    for package in ("besa-pl", "torch", "transformers", "lightning", "lm-eval"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
 def result_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     """(metric, value) rows: method, sparsity, perplexity per dataset, zero-shot per task and mean."""
     rows = [

@@ -85,7 +85,12 @@ def test_zero_shot_on_local_files_marks_hellaswag_skipped(demo_dir, tmp_path, ca
         "--data.data_dir", str(DATA_DIR), "--trainer.default_root_dir", str(tmp_path / "run"),
         "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
     ])
-    results = json.loads((tmp_path / "run" / "results.json").read_text())["zero_shot"]
+    everything = json.loads((tmp_path / "run" / "results.json").read_text())
+    # the software a result came from, to tell a code change from a library or thread-count change
+    assert everything["environment"]["torch"] == torch.__version__
+    assert everything["environment"]["torch_threads"] == torch.get_num_threads()
+    assert everything["environment"]["transformers"] and everything["environment"]["lm-eval"]
+    results = everything["zero_shot"]
     assert set(results["tasks"]) == {"piqa", "arc_easy"}
     assert set(results["tasks"]["arc_easy"]) == {"acc", "acc_norm"}
     assert all(0.0 <= v <= 1.0 for scores in results["tasks"].values() for v in scores.values())

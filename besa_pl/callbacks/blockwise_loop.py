@@ -44,7 +44,7 @@ from ..packed import PackedWriter
 from ..plots import save_allocation_plot
 from ..quant import burn_in, rtn_params
 from ..reconstruction import reconstruct_block
-from ..report import report
+from ..report import environment, report
 from ..weights import ShardWriter, WeightStore
 
 
@@ -263,6 +263,7 @@ class BlockwiseLoop(Callback):
         pruner.results["variant"] = s.variant()
         pruner.results["target_sparsity"] = s.target if s.pruning else 0.0
         pruner.results["settings"] = {k.removeprefix("model."): v for k, v in s.flat().items()}
+        pruner.results["environment"] = environment()
         if not s.pruning:
             pruner.results["realised_sparsity"] = 0.0
             return
