@@ -33,15 +33,17 @@ PRESETS: dict[str, dict] = {
     "besa-paper": {"method": "besa", "exact_sparsity": False, "reconstruct": "none", "smoothing_scale": 1.0,
                    "data.batch_size": 1},
     "besa-paper-exact": {"method": "besa", "reconstruct": "none", "smoothing_scale": 1.0, "data.batch_size": 1},
-    # Wanda's uniform masks with the same reconstruction as the default: what the learned allocation adds.
-    "wanda-obs": {"method": "wanda", "reconstruct": "obs_select", "reconstruct_reference": "layer"},
+    # Wanda's uniform masks with the same reconstruction as besa-d0.01: what the learned allocation adds.
+    "wanda-obs": {"method": "wanda", "reconstruct": "obs_select", "reconstruct_reference": "layer", "percdamp": 0.01},
     # The previous default: the same, with the kept weights as the sweep leaves them.
     "besa-sweep": {"method": "besa", "reconstruct_solve": "sweep"},
     # The default from commit 110cf63 to af133c3: the kept weights solved exactly, the masks not refined.
     "besa-exact": {"method": "besa", "reconstruct_swaps": 0},
+    # The default until commit 7e25baf: the default below with SparseGPT's damping in the reconstruction.
+    "besa-d0.01": {"method": "besa", "percdamp": 0.01},
     # The default of besa-pl (cli.yaml, and the code's defaults): BESA's allocation, SparseGPT's sweep
     # choosing within its counts, then the kept weights solved exactly for the final masks and the
-    # masks refined by swaps inside each row.
+    # masks refined by swaps inside each row, all at ten times SparseGPT's damping.
     "besa": {"method": "besa"},
     # Self-calibration (Williams et al., NAACL 2025): the model's own text instead of C4.
     "sparsegpt-self": {"method": "sparsegpt", "data.dataset": "self"},

@@ -82,8 +82,9 @@ class BESAPruner(L.LightningModule):
             kept weight inside each row, scored by the exact change of the least-squares error and
             kept only where the error falls (DSnoT-style; row counts unchanged); 0 = off.
         percdamp: SparseGPT's damping, lambda = percdamp x the mean diagonal of each input Gram, in
-            every OBS sweep and solve (the SparseGPT baseline and the reconstruction); larger values
-            keep the kept weights closer to their dense values.
+            every OBS sweep and solve; larger values keep the kept weights closer to their dense
+            values. None (default): 0.01 for the SparseGPT baseline (as published), 0.1 for the
+            reconstruction (chosen on held-out calibration text).
     """
 
     def __init__(
@@ -113,7 +114,7 @@ class BESAPruner(L.LightningModule):
         reconstruct_reference: Reference = "layer",
         reconstruct_solve: Solve = "exact",
         reconstruct_swaps: int = 10,
-        percdamp: float = 0.01,
+        percdamp: float | None = None,
     ) -> None:
         super().__init__()
         self.settings = PruneSettings(

@@ -56,12 +56,22 @@ def test_setting_fits_to_the_target_and_changes_the_result(extra, default_weight
             assert all(rates["min"] == rates["max"] for rates in block.values())  # one rate per layer
 
 
-def test_results_name_the_variant_and_a_damping_that_differs_from_sparsegpts():
+def test_results_name_the_variant_and_a_damping_other_than_the_methods_own():
     from besa_pl.settings import PruneSettings
 
     default = PruneSettings().variant()
     assert default.startswith("BESA + SparseGPT's sweep") and "10 rounds of swaps" in default and "percdamp" not in default
-    assert PruneSettings(percdamp=0.1).variant() == default + ", percdamp 0.1"
+    assert PruneSettings(percdamp=0.01).variant() == default + ", percdamp 0.01"
     assert PruneSettings(method="sparsegpt", percdamp=0.1).variant() == "SparseGPT, percdamp 0.1"
     assert PruneSettings(method="wanda", percdamp=0.1).variant() == "Wanda"  # no OBS step: the damping plays no part
     assert PruneSettings(reconstruct="none").variant() == "BESA (the paper's: no reconstruction)"
+
+
+def test_the_damping_is_sparsegpts_for_sparsegpt_and_ten_times_that_for_the_reconstruction():
+    from besa_pl.settings import PruneSettings
+
+    assert PruneSettings(method="sparsegpt").damping == 0.01  # as published
+    assert PruneSettings().damping == 0.1 and PruneSettings(method="wanda", reconstruct="obs").damping == 0.1
+    assert PruneSettings(method="sparsegpt", percdamp=0.05).damping == 0.05
+    # results and checkpoints record the damping that ran, not "auto"
+    assert PruneSettings().flat()["model.percdamp"] == 0.1

@@ -196,7 +196,7 @@ class BlockwiseLoop(Callback):
             grid = QuantGrid(s.quant.bits, s.quant.group_size) if in_sweep else None
             keep, qparams = prune_linear(s.method, linear, stats[name], s.sparsity, s.granularity, s.nm, grid,
                                          log=lambda msg, name=name: console.print(f"[yellow]block {index} {name}:[/] {msg}"),
-                                         percdamp=s.percdamp)
+                                         percdamp=s.damping)
             self._block["masks"][name] = keep
             if qparams is None and s.quant.enabled and s.reconstruction == "none":
                 qparams = rtn_params(linear.weight, s.quant.bits, s.quant.group_size)
@@ -228,7 +228,7 @@ class BlockwiseLoop(Callback):
                 cache.block_kwargs[index], device, s.reconstruct_reference, grids,
                 log=lambda msg: console.print(f"[yellow]block {index} reconstruction:[/] {msg}"),
                 reselect={"obs_select": "block", "obs_row": "row", "obs_layer": "layer"}.get(s.reconstruction),
-                exact=s.reconstruct_solve == "exact", swaps=s.reconstruct_swaps, percdamp=s.percdamp)
+                exact=s.reconstruct_solve == "exact", swaps=s.reconstruct_swaps, percdamp=s.damping)
         if s.dense_trajectory:
             cache.dense_inputs = cache.targets
         cache.targets = None
