@@ -39,11 +39,13 @@ PRESETS: dict[str, dict] = {
     "besa-sweep": {"method": "besa", "reconstruct_solve": "sweep"},
     # The default from commit 110cf63 to af133c3: the kept weights solved exactly, the masks not refined.
     "besa-exact": {"method": "besa", "reconstruct_swaps": 0},
-    # The default until commit 7e25baf: the default below with SparseGPT's damping in the reconstruction.
+    # The default with SparseGPT's damping 0.01 at every sparsity (the default until commit 7e25baf).
     "besa-d0.01": {"method": "besa", "percdamp": 0.01},
+    # The default with ten times that at every sparsity (the default at ac6c493 only).
+    "besa-d0.1": {"method": "besa", "percdamp": 0.1},
     # The default of besa-pl (cli.yaml, and the code's defaults): BESA's allocation, SparseGPT's sweep
     # choosing within its counts, then the kept weights solved exactly for the final masks and the
-    # masks refined by swaps inside each row, all at ten times SparseGPT's damping.
+    # masks refined by swaps inside each row; damping 0.1 up to 50% sparsity, 0.01 above.
     "besa": {"method": "besa"},
     # Self-calibration (Williams et al., NAACL 2025): the model's own text instead of C4.
     "sparsegpt-self": {"method": "sparsegpt", "data.dataset": "self"},

@@ -11,10 +11,11 @@ from pathlib import Path
 from besa_pl.callbacks.zero_shot import task_means
 
 ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "besa-paper", "besa-paper-exact", "wanda-obs", "besa-sweep",
-         "besa-exact", "besa-d0.01", "besa"]
+         "besa-exact", "besa-d0.01", "besa-d0.1", "besa"]
 # One colour per method in every panel (matplotlib's cycle without its grey, the dense line's); the default in black.
 COLOURS = {"magnitude": "C0", "wanda": "C1", "sparsegpt": "C2", "besa-paper": "C3", "besa-paper-exact": "C9",
-           "wanda-obs": "C4", "besa-sweep": "C5", "besa-exact": "C6", "besa-d0.01": "C8", "besa": "black"}
+           "wanda-obs": "C4", "besa-sweep": "C5", "besa-exact": "C6", "besa-d0.01": "C8",
+           "besa-d0.1": "peru", "besa": "black"}
 TASKS = ["piqa", "boolq", "winogrande", "arc_easy", "arc_challenge"]
 
 

@@ -27,11 +27,14 @@ Reference = Literal["layer", "target"]
 Solve = Literal["sweep", "exact"]
 
 SPARSEGPT_DAMPING = 0.01  # SparseGPT's published damping
-RECONSTRUCTION_DAMPING = 0.1  # the reconstruction's: see PruneSettings.damping
+RECONSTRUCTION_DAMPING = 0.1  # the reconstruction's up to LIGHT_SPARSITY: see PruneSettings.damping
+LIGHT_SPARSITY = 0.5
 
 
-def auto_damping(method: str) -> float:
-    return SPARSEGPT_DAMPING if method == "sparsegpt" else RECONSTRUCTION_DAMPING
+def auto_damping(method: str, target: float) -> float:
+    if method == "sparsegpt" or target > LIGHT_SPARSITY:
+        return SPARSEGPT_DAMPING
+    return RECONSTRUCTION_DAMPING
 
 
 def parse_structure(structure: str | None) -> tuple[int, int] | None:
@@ -136,10 +139,11 @@ class PruneSettings:
 
     @property
     def damping(self) -> float:
-        """`percdamp` with None resolved: SparseGPT's published 0.01 for `--model.method sparsegpt`, 0.1
-        for the reconstruction after the other methods (ten times SparseGPT's; chosen on held-out C4 and
-        PTB valid: it keeps the re-solved weights a little closer to their dense values)."""
-        return self.percdamp if self.percdamp is not None else auto_damping(self.method)
+        """`percdamp` with None resolved: SparseGPT's published 0.01 for `--model.method sparsegpt`; for
+        the reconstruction after the other methods 0.1 up to 50% sparsity, where it keeps the re-solved
+        weights a little closer to their dense values, and 0.01 above, where they must move further
+        (both chosen on held-out C4 and PTB valid)."""
+        return self.percdamp if self.percdamp is not None else auto_damping(self.method, self.target)
 
     @property
     def dense_trajectory(self) -> bool:
@@ -164,7 +168,7 @@ class PruneSettings:
                 solve += f", {self.reconstruct_swaps} rounds of swaps"
             text += f" + {how} ({self.reconstruct_reference} reference{solve})"
         uses_damping = self.pruning and (self.method == "sparsegpt" or self.reconstruction != "none")
-        if uses_damping and self.damping != auto_damping(self.method):
+        if uses_damping and self.damping != auto_damping(self.method, self.target):
             text += f", percdamp {self.damping:g}"
         if self.quant.enabled:
             text += f", {self.quant.bits}-bit weights"
