@@ -55,9 +55,15 @@ def mixture_weights(logits: Tensor, smoothing: bool, scale: float = 1.0) -> Tens
     return torch.softmax(scale * torch.sigmoid(z) if smoothing else z, dim=-1)
 
 
+# C * alpha a few float32 roundings below an integer counts as that integer: alpha = 0.5 from equal
+# logits comes out as 0.49999997 on some CPUs (the sum's order depends on the SIMD width), and plain
+# truncation would then prune one weight fewer per row on those machines only.
+_ROUNDING_SLACK = 1.0 + 16 * torch.finfo(torch.float32).eps
+
+
 def prune_counts(alpha: Tensor, columns: int) -> Tensor:
-    """k = floor(C * alpha): how many of a row's weights are pruned (plain truncation)."""
-    return torch.floor(alpha.float() * columns).long().clamp_(0, columns)
+    """k = floor(C * alpha): how many of a row's weights are pruned (truncation, float32 rounding forgiven)."""
+    return torch.floor(alpha.double() * columns * _ROUNDING_SLACK).long().clamp_(0, columns)
 
 
 def hard_keep_mask(ranks: Tensor, counts: Tensor) -> Tensor:

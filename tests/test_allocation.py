@@ -9,6 +9,7 @@ from besa_pl.allocation import (
     SparsityAllocation,
     candidate_rates,
     gather_by_rank,
+    prune_counts,
     rank_space_keep_prob,
     smoothing_band,
     straight_through,
@@ -114,6 +115,11 @@ def test_fixed_rate_one_half_reproduces_per_row_wanda_masks():
     allocation = SparsityAllocation(row_ranks(scores), candidate_rates(0.5), "row", True)
     # logits at zero: alpha = 0.5 in every row, the uniform allocation
     assert torch.equal(allocation.hard_mask(), keep_mask_from_scores(scores, 0.5, "row"))
+
+
+def test_prune_counts_forgive_float32_rounding_but_truncate_real_fractions():
+    # 0.5 as a 101-term float32 sum comes out one ulp low on some CPUs: still half of 40
+    assert prune_counts(torch.tensor([0.49999997, 0.5, 0.4999]), 40).tolist() == [20, 20, 19]
 
 
 def test_exact_target_counts_hit_the_target_and_keep_the_allocation_order():
