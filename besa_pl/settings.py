@@ -140,9 +140,9 @@ class PruneSettings:
     @property
     def damping(self) -> float:
         """`percdamp` with None resolved: SparseGPT's published 0.01 for `--model.method sparsegpt`; for
-        the reconstruction after the other methods 0.1 up to 50% sparsity, where it keeps the re-solved
-        weights a little closer to their dense values, and 0.01 above, where they must move further
-        (both chosen on held-out C4 and PTB valid)."""
+        the reconstruction after the other methods 0.1 up to 50% sparsity and 0.01 above (both chosen
+        on held-out C4 and PTB valid: at 50% the extra damping keeps the re-solved weights a little
+        closer to their dense values; at 70% it holds back the larger moves they need)."""
         return self.percdamp if self.percdamp is not None else auto_damping(self.method, self.target)
 
     @property
