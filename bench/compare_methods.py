@@ -19,8 +19,8 @@ import torch
 
 from besa_pl import BESAPruner, CalibrationDataModule
 from besa_pl.callbacks import HardwareSimulation, PerplexityEval, ZeroShotEval
-from besa_pl.quant import QuantConfig
-from besa_pl.runtime import make_trainer
+from besa_pl.loop.trainer import make_trainer
+from besa_pl.quant.quantizer import QuantConfig
 
 
 def run(name: str, args) -> dict:

@@ -30,7 +30,7 @@ SHAPES = {
 
 def checkpoint(shape: str, blocks: int) -> Path:
     """A random LLaMA-shaped model folder (one safetensors shard per block), written once."""
-    from besa_pl.models import cache_dir
+    from besa_pl.offline import cache_dir
 
     folder = cache_dir() / "synthetic" / f"llama-{shape}-{blocks}"
     if (folder / "model.safetensors.index.json").exists():
@@ -93,7 +93,7 @@ def prune_in_child(folder: Path, method: str, nsamples: int, seqlen: int, dtype:
     code = f"""
 import json, resource, sys, time, torch
 from besa_pl import BESAPruner, CalibrationDataModule
-from besa_pl.runtime import make_trainer
+from besa_pl.loop.trainer import make_trainer
 start = time.perf_counter()
 pruner = BESAPruner(pretrained={str(folder)!r}, method={method!r}, dtype={dtype!r})
 data = CalibrationDataModule(dataset={str(text_file())!r}, nsamples={nsamples}, seqlen={seqlen})

@@ -80,7 +80,7 @@ def commit() -> str:
 def run_one(name: str, settings: dict, sparsity: float, args) -> dict:
     from besa_pl import BESAPruner, CalibrationDataModule
     from besa_pl.callbacks import PerplexityEval, ZeroShotEval
-    from besa_pl.runtime import make_trainer
+    from besa_pl.loop.trainer import make_trainer
 
     model_settings = {k: v for k, v in settings.items() if not k.startswith("data.")}
     data_settings = {k.removeprefix("data."): v for k, v in settings.items() if k.startswith("data.")}
@@ -108,7 +108,7 @@ def evaluate_stored(stored: dict, source: str, root: Path, args) -> dict:
     perplexity again)."""
     from besa_pl import BESAPruner, CalibrationDataModule
     from besa_pl.callbacks import ZeroShotEval
-    from besa_pl.runtime import make_trainer
+    from besa_pl.loop.trainer import make_trainer
 
     pruner = BESAPruner(pretrained=source, method="dense", dtype=args.dtype)
     data = CalibrationDataModule(nsamples=1, seqlen=16, seed=0, data_dir=args.data_dir, dataset="c4")

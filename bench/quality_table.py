@@ -8,7 +8,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from besa_pl.callbacks.zero_shot import task_means
+from besa_pl.eval.zero_shot import task_means
 
 ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "besa-paper", "besa-paper-exact", "wanda-obs", "besa-sweep",
          "besa-exact", "besa-d0.01", "besa-d0.1", "besa"]

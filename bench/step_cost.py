@@ -13,11 +13,11 @@ import argparse
 
 import torch
 
-from besa_pl.activations import capture_block_inputs, kwargs_to
-from besa_pl.block import BESABlock
-from besa_pl.importance import rank_linears, reference_pass
-from besa_pl.latency import seconds_per_call
-from besa_pl.models import decoder_blocks, load_model
+from besa_pl.besa.block import BESABlock
+from besa_pl.eval.latency import seconds_per_call
+from besa_pl.models.activations import capture_block_inputs, kwargs_to
+from besa_pl.models.loading import decoder_blocks, load_model
+from besa_pl.oneshot.importance import rank_linears, reference_pass
 from besa_pl.settings import PruneSettings
 
 
@@ -46,7 +46,7 @@ def main() -> None:
 
     floor = seconds_per_call(floor_step, args.repeats, args.device, warmup=2)
 
-    # The loop's own reference pass and ranking (besa_pl.importance), then the real BESABlock step.
+    # The loop's own reference pass and ranking (besa_pl.oneshot.importance), then the real BESABlock step.
     target, stats = reference_pass(block, x, kwargs, args.device)
     ranks = rank_linears(block, stats, "wanda")
     besa = BESABlock(block, kwargs, ranks, PruneSettings())

@@ -1,15 +1,25 @@
-"""besa-pl: BESA pruning of LLMs as a PyTorch Lightning program."""
+"""besa-pl: BESA pruning of LLMs as a PyTorch Lightning program.
+
+`import besa_pl` is light (no torch, no environment changes); the classes below load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.2.0"
 
-import os
+_EXPORTS = {
+    "BESABlock": "besa_pl.besa.block",
+    "BESAPruner": "besa_pl.besa.pruner",
+    "CalibrationDataModule": "besa_pl.data.calibration",
+    "PruneSettings": "besa_pl.settings",
+    "make_trainer": "besa_pl.loop.trainer",
+}
+__all__ = list(_EXPORTS)
 
-# Bit-identical resume on CPU needs the same float sums in every run: MKL may otherwise use fewer
-# threads than asked when the machine is busy (MKL_DYNAMIC), which changes the sums' order.
-os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
-from .block import BESABlock  # noqa: E402
-from .data import CalibrationDataModule  # noqa: E402
-from .pruner import BESAPruner  # noqa: E402
-
-__all__ = ["BESABlock", "BESAPruner", "CalibrationDataModule"]
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'besa_pl' has no attribute {name!r}")

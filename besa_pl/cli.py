@@ -10,19 +10,24 @@ import sys
 import warnings
 from pathlib import Path
 
+# Bit-identical resume on CPU needs the same float sums in every run: MKL may otherwise use fewer
+# threads than asked when the machine is busy (MKL_DYNAMIC), which changes the sums' order. Set by
+# the command, before torch loads, never by `import besa_pl`.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from . import __version__
-from .callbacks.progress import BlockProgress
-from .compat import KeepCommandLineOnResume
-from .console import console, quiet_third_party
-from .data import CalibrationDataModule
-from .errors import BesaError
-from .export import FINISHED_MARKER, is_finished_run
-from .pruner import BESAPruner
-from .runtime import (
+from besa_pl import __version__
+from besa_pl.besa.pruner import BESAPruner
+from besa_pl.compat import KeepCommandLineOnResume
+from besa_pl.console import console, quiet_third_party
+from besa_pl.data.calibration import CalibrationDataModule
+from besa_pl.errors import BesaError
+from besa_pl.loop.progress import BlockProgress
+from besa_pl.loop.sparsity_report import FINISHED_MARKER, is_finished_run
+from besa_pl.loop.trainer import (
     blockwise_strategy,
     complete_callbacks,
     complete_plugins,

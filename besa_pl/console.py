@@ -8,7 +8,7 @@ import sys
 
 from rich.console import Console
 
-from .distributed import is_main
+from besa_pl.ranks import is_main
 
 
 class RankZeroConsole(Console):

@@ -11,8 +11,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from .errors import BesaError, at_least, positive
-from .quant import SUPPORTED_BITS, QuantConfig
+from besa_pl.besa.allocation import candidate_rates, smoothing_band
+from besa_pl.errors import BesaError, at_least, positive
+from besa_pl.quant.quantizer import SUPPORTED_BITS, QuantConfig
 
 Method = Literal["besa", "wanda", "sparsegpt", "magnitude", "dense"]
 Granularity = Literal["row", "layer"]
@@ -98,8 +99,6 @@ class PruneSettings:
             positive("model.percdamp", self.percdamp)
         at_least("model.penalty_weight", self.penalty_weight, 0)
         if self.method == "besa" and self.smoothing:
-            from .allocation import candidate_rates, smoothing_band
-
             low, high = smoothing_band(candidate_rates(self.sparsity, self.num_candidates, self.candidate_grid),
                                        self.smoothing_scale)
             if not low + 0.01 <= self.sparsity <= high - 0.01:

@@ -84,7 +84,7 @@ def calibration_text():
 
 def saved_weights(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a saved (possibly sharded) safetensors model folder, by name."""
-    from besa_pl.weights import WeightStore
+    from besa_pl.models.weights import WeightStore
 
     store = WeightStore(folder)
     return {name: store.get(name) for name in store.files}

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from besa_pl.allocation import (
+from besa_pl.besa.allocation import (
     SparsityAllocation,
     candidate_rates,
     gather_by_rank,
@@ -14,9 +14,9 @@ from besa_pl.allocation import (
     smoothing_band,
     straight_through,
 )
-from besa_pl.baselines import keep_mask_from_scores
-from besa_pl.importance import row_ranks, wanda_scores
-from besa_pl.loss import sparsity_penalty
+from besa_pl.besa.loss import sparsity_penalty
+from besa_pl.oneshot.baselines import keep_mask_from_scores
+from besa_pl.oneshot.importance import row_ranks, wanda_scores
 
 
 def random_allocation(rows=12, cols=37, granularity="row", smoothing=True, seed=0):
@@ -123,7 +123,7 @@ def test_prune_counts_forgive_float32_rounding_but_truncate_real_fractions():
 
 
 def test_exact_target_counts_hit_the_target_and_keep_the_allocation_order():
-    from besa_pl.allocation import exact_target_counts
+    from besa_pl.besa.allocation import exact_target_counts
 
     g = torch.Generator().manual_seed(5)
     alphas = [torch.full((64,), 0.3), 0.3 + 0.1 * torch.rand(32, generator=g)]

@@ -2,8 +2,9 @@
 
 import torch
 
-from besa_pl.baselines import keep_mask_from_scores, sparsegpt_prune
-from besa_pl.importance import InputStatistics, damped_inverse_cholesky
+from besa_pl.closedform.damping import damped_inverse_cholesky
+from besa_pl.oneshot.baselines import keep_mask_from_scores, sparsegpt_prune
+from besa_pl.oneshot.importance import InputStatistics
 
 
 def test_row_and_layer_masks_prune_the_lowest_scores():

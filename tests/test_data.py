@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import torch
 
-from besa_pl.data import ResumableSampler, sample_documents
+from besa_pl.data.calibration import ResumableSampler, sample_documents
 
 
 class WordTokenizer:

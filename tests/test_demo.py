@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from besa_pl.callbacks.perplexity import evaluation_text, perplexity, windows
-from besa_pl.callbacks.zero_shot import task_means
 from besa_pl.errors import BesaError
-from besa_pl.models import decoder_blocks, demo_model_dir
-from besa_pl.zero_shot_compare import compare, paired_difference
+from besa_pl.eval.perplexity import evaluation_text, perplexity, windows
+from besa_pl.eval.zero_shot import task_means
+from besa_pl.eval.zero_shot_compare import compare, paired_difference
+from besa_pl.models.loading import decoder_blocks, demo_model_dir
 
 from .conftest import DATA_DIR, run_cli
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from besa_pl.activations import capture_block_inputs, run_block
-from besa_pl.models import decoder_blocks, load_model
+from besa_pl.models.activations import capture_block_inputs, run_block
+from besa_pl.models.loading import decoder_blocks, load_model
 
 from .conftest import fit_args, run_cli
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from besa_pl.hwsim import Accelerator, dense_cycles, matrix_cycles, split_cycles
+from besa_pl.eval.hwsim import Accelerator, dense_cycles, matrix_cycles, split_cycles
 
 from .conftest import fit_args, run_cli, saved_weights
 

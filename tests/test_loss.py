@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from besa_pl.loss import channel_norms_squared, reconstruction_loss, sparsity_penalty
+from besa_pl.besa.loss import (
+    channel_norms_squared,
+    reconstruction_loss,
+    sparsity_penalty,
+)
 
 
 def _outputs(seed=0):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from besa_pl.callbacks.perplexity import evaluation_text, perplexity, windows
+from besa_pl.eval.perplexity import evaluation_text, perplexity, windows
 
 from .conftest import DATA_DIR
 

@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from besa_pl.packed import load_packed, pack_bits, unpack_bits
-from besa_pl.quant import LearnableClipQuantizer, apply_params, quant_params, rtn
+from besa_pl.quant.packed import load_packed, pack_bits, unpack_bits
+from besa_pl.quant.quantizer import (
+    LearnableClipQuantizer,
+    apply_params,
+    quant_params,
+    rtn,
+)
 
 from .conftest import fit_args, run_cli, saved_weights
 
@@ -40,8 +45,8 @@ def test_at_init_with_sigmoid_one_it_is_plain_min_max_rtn():
 def test_clipping_logits_receive_gradients_and_zeros_survive():
     from torch.nn.utils import parametrize
 
-    from besa_pl.allocation import SparsityAllocation, candidate_rates
-    from besa_pl.importance import row_ranks
+    from besa_pl.besa.allocation import SparsityAllocation, candidate_rates
+    from besa_pl.oneshot.importance import row_ranks
 
     linear = torch.nn.Linear(32, 8, bias=False)
     quantizer = LearnableClipQuantizer(linear.weight.shape, 4, 8)

@@ -4,14 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from besa_pl.activations import capture_block_inputs, run_block
-from besa_pl.block import BESABlock
-from besa_pl.importance import InputStatistics, importance_scores, row_ranks
-from besa_pl.loss import reconstruction_loss
-from besa_pl.mask_swaps import swap_refine
-from besa_pl.masked_solve import masked_least_squares
-from besa_pl.models import decoder_blocks, load_model, prunable_linears
-from besa_pl.obs import (
+from besa_pl.besa.block import BESABlock
+from besa_pl.besa.loss import reconstruction_loss
+from besa_pl.closedform.mask_swaps import swap_refine
+from besa_pl.closedform.masked_solve import masked_least_squares
+from besa_pl.closedform.obs import (
     CountSelect,
     LayerBudgetSelect,
     QuantGrid,
@@ -19,8 +16,11 @@ from besa_pl.obs import (
     least_squares_start,
     obs_sweep,
 )
-from besa_pl.quant import apply_params
-from besa_pl.reconstruction import reconstruct_block, sequential_groups
+from besa_pl.closedform.reconstruction import reconstruct_block, sequential_groups
+from besa_pl.models.activations import capture_block_inputs, run_block
+from besa_pl.models.loading import decoder_blocks, load_model, prunable_linears
+from besa_pl.oneshot.importance import InputStatistics, importance_scores, row_ranks
+from besa_pl.quant.quantizer import apply_params
 from besa_pl.settings import PruneSettings
 
 from .conftest import fit_args, run_cli, saved_weights

@@ -5,9 +5,13 @@ import json
 import pytest
 import torch
 
-from besa_pl.self_calibration import SelfRecipe, first_word_ids, self_calibration_tokens
+from besa_pl.data.self_calibration import (
+    SelfRecipe,
+    first_word_ids,
+    self_calibration_tokens,
+)
+from besa_pl.models.source import ModelSource
 from besa_pl.settings import PruneSettings
-from besa_pl.source import ModelSource
 
 from .conftest import fit_args, run_cli
 
@@ -45,14 +49,14 @@ def test_generated_tokens_are_cached_and_reused(tiny_model_dir, cache, monkeypat
     def refuse(*args, **kwargs):
         raise AssertionError("generated again instead of reading the cache")
 
-    monkeypatch.setattr("besa_pl.self_calibration.generate_samples", refuse)
+    monkeypatch.setattr("besa_pl.data.self_calibration.generate_samples", refuse)
     assert torch.equal(tokens(folder, 0), first)
 
 
 def test_the_perplexity_filter_keeps_the_most_likely_samples(tiny_model_dir, cache, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import besa_pl.self_calibration as module
+    import besa_pl.data.self_calibration as module
 
     pool = []
     generate = module.generate_samples
@@ -97,8 +101,8 @@ def test_an_unreachable_calibration_source_stops_before_any_pruning(tiny_model_d
 
 
 def test_an_unreachable_evaluation_source_names_its_setting_and_not_self_calibration(monkeypatch):
-    from besa_pl.callbacks.perplexity import evaluation_text
     from besa_pl.errors import BesaError
+    from besa_pl.eval.perplexity import evaluation_text
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("BESA_DATA_DIR", raising=False)

@@ -7,14 +7,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from besa_pl import BESAPruner, CalibrationDataModule
-from besa_pl.activations import capture_block_inputs, run_block
-from besa_pl.baselines import keep_mask_from_scores
-from besa_pl.callbacks.perplexity import perplexity, streamed_perplexity
-from besa_pl.importance import InputStatistics, wanda_scores
-from besa_pl.models import decoder_blocks, prunable_linears
-from besa_pl.runtime import make_trainer
+from besa_pl.eval.perplexity import perplexity, streamed_perplexity
+from besa_pl.loop.trainer import make_trainer
+from besa_pl.models.activations import capture_block_inputs, run_block
+from besa_pl.models.loading import decoder_blocks, prunable_linears
+from besa_pl.models.source import ModelSource
+from besa_pl.oneshot.baselines import keep_mask_from_scores
+from besa_pl.oneshot.importance import InputStatistics, wanda_scores
 from besa_pl.settings import PruneSettings
-from besa_pl.source import ModelSource
 
 from .conftest import saved_weights, tiny_config, tiny_tokenizer
 

@@ -1,0 +1,174 @@
+"""Weight reconstruction of a block whose masks are final: the closed-form part of besa-pl.
+
+BESA (Xu et al., ICLR 2024) learns only where to prune; the kept weights keep their dense values.
+Here the kept weights are re-solved afterwards, sublayer by sublayer in the order the block uses
+them ("true-sequential": q/k/v, then o, then gate/up, then down), each with the OBS sweep under its
+fixed mask (`obs.obs_sweep`, SparseGPT's lazy-batch update; GPTQ's quantization with a grid).
+
+Each linear's input Gram H = X X^T is taken on the pruned path: the block's inputs through the
+sublayers already reconstructed. The target of each linear is chosen by `reference`:
+
+- "layer": its own dense output on that input, W0 X (SparseGPT's update, applied to given masks);
+- "target": its dense output in the reference forward that produced the block's training target
+  (the dense block on the pruned inputs, or the dense model's trajectory), W0 X_ref, so a later
+  sublayer also absorbs the error of the earlier ones (asymmetric calibration).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from besa_pl.closedform.mask_swaps import swap_refine
+from besa_pl.closedform.masked_solve import masked_least_squares
+from besa_pl.closedform.obs import (
+    CountSelect,
+    LayerBudgetSelect,
+    QuantGrid,
+    RowBudgetSelect,
+    least_squares_start,
+    obs_sweep,
+)
+from besa_pl.models.loading import call_block, prunable_linears
+from besa_pl.ranks import mean_over_ranks
+
+
+class _Stop(Exception):
+    """Ends a forward pass as soon as the inputs of the sublayer group being solved are recorded."""
+
+
+@torch.no_grad()
+def sequential_groups(block: nn.Module, hidden: Tensor, kwargs: dict) -> list[list[str]]:
+    """The block's linears in call order, grouped by shared input (q/k/v; o; gate/up; down)."""
+    linears = prunable_linears(block)
+    # The inputs themselves are kept until the grouping is done: a freed input's memory could be
+    # reused by a later one, and comparing addresses would then merge two groups (allocator-dependent,
+    # so it could even differ between DDP ranks).
+    order: list[tuple[str, Tensor]] = []
+    handles = [
+        linear.register_forward_pre_hook(lambda _m, args, name=name: order.append((name, args[0])))
+        for name, linear in linears.items()
+    ]
+    try:
+        call_block(block, hidden, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    inputs: list[Tensor] = []
+    for name, x in order:
+        if any(name in group for group in groups):
+            continue  # a linear called twice keeps its first place
+        if inputs and inputs[-1] is x:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+            inputs.append(x)
+    return groups
+
+
+class _GroupInputs:
+    """Records the (flattened, fp32) input of a sublayer group's first linear, then stops the pass."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        self.value: Tensor | None = None
+        self._handle = linear.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _module, args) -> None:
+        self.value = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        raise _Stop
+
+    def take(self, run: Callable[[], None]) -> Tensor:
+        self.value = None
+        try:
+            run()
+        except _Stop:
+            pass
+        return self.value
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+@torch.no_grad()
+def reconstruct_block(
+    block: nn.Module,
+    dense: dict[str, Tensor],
+    masks: dict[str, Tensor],
+    inputs: Tensor,
+    reference_inputs: Tensor | None,
+    kwargs: dict,
+    device,
+    reference: str = "target",
+    grids: dict[str, QuantGrid] | None = None,
+    log: Callable[[str], None] | None = None,
+    reselect: str | None = None,
+    exact: bool = False,
+    swaps: int = 0,
+    percdamp: float = 0.01,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Re-solve the kept weights of `block` in place, group by group; returns (scale, zero) per
+    linear when `grids` quantizes. `dense` holds W0 per linear, `masks` the final keep-masks;
+    `reference_inputs` are the inputs of the reference forward (None = `inputs`). With `reselect`,
+    the masks give only how many weights each row prunes per column block, and the sweep picks
+    which (`masks` is updated in place). With `exact`, the kept weights are then solved to the
+    optimum for the final mask (`masked_solve`), the mask refined by up to `swaps` rounds of swaps
+    inside each row (`mask_swaps`, counts unchanged); a quantizing grid is applied after that, by a
+    second sweep under the mask. Every sweep and solve damps the Gram by `percdamp` x its mean diagonal."""
+    linears = prunable_linears(block)
+    for name, linear in linears.items():  # start from the masked dense weights
+        linear.weight.copy_((dense[name].to(linear.weight.device) * masks[name].to(linear.weight.device)).to(linear.weight.dtype))
+    reference_inputs = inputs if reference_inputs is None else reference_inputs
+    dense_params = {f"{name}.weight": dense[name].to(device, linears[name].weight.dtype) for name in linears}
+    qparams: dict[str, tuple[Tensor, Tensor]] = {}
+    groups = sequential_groups(block, inputs[:1].to(device), kwargs)
+    for group in groups:
+        recorder = _GroupInputs(linears[group[0]])
+        columns = linears[group[0]].in_features
+        hessian = torch.zeros(columns, columns, device=device)
+        cross = torch.zeros(columns, columns, device=device) if reference == "target" else None
+        tokens = 0
+        try:
+            for i in range(inputs.shape[0]):
+                hidden = inputs[i : i + 1].to(device)
+                x = recorder.take(lambda: call_block(block, hidden, kwargs))
+                total = tokens + x.shape[0]
+                # Running means (like the importance statistics) keep the scale independent of N.
+                hessian.mul_(tokens / total).addmm_(x.t(), x, alpha=1.0 / total)
+                if cross is not None:
+                    ref_hidden = reference_inputs[i : i + 1].to(device)
+                    x_ref = recorder.take(lambda: functional_call(block, dense_params, (ref_hidden,), kwargs))
+                    cross.mul_(tokens / total).addmm_(x_ref.t(), x, alpha=1.0 / total)
+                tokens = total
+        finally:
+            recorder.remove()
+        hessian, _ = mean_over_ranks(hessian, tokens)
+        if cross is not None:
+            cross, _ = mean_over_ranks(cross, tokens)
+        if cross is not None and torch.equal(cross, hessian):
+            cross = None  # same inputs on both paths (the first group): SparseGPT's own update
+        for name in group:
+            linear = linears[name]
+            start = dense[name].to(device).float()
+            if cross is not None:
+                start = least_squares_start(start, hessian, cross, percdamp)
+            mask = masks[name].to(device)
+            select = {"block": CountSelect, "row": RowBudgetSelect, "layer": LayerBudgetSelect}[reselect](mask) \
+                if reselect else None
+            grid = (grids or {}).get(name)
+            weight, keep, params = obs_sweep(start, hessian, keep=None if select else mask, select=select,
+                                             grid=None if exact else grid, percdamp=percdamp, log=log)
+            if exact:
+                weight = masked_least_squares(weight, start, hessian, keep, percdamp)
+                if swaps:
+                    weight, keep = swap_refine(weight, start, hessian, keep, swaps, percdamp)
+                if grid is not None:  # the optimum's error is orthogonal to the mask: sweep from it
+                    weight, keep, params = obs_sweep(weight, hessian, keep=keep, grid=grid, percdamp=percdamp, log=log)
+            masks[name] = keep
+            linear.weight.copy_((weight * keep).to(linear.weight.dtype))
+            if params is not None:
+                qparams[name] = (params[0].cpu(), params[1].cpu())
+    return qparams

@@ -1,0 +1,1 @@
+"""The walk over the blocks inside one Trainer.fit: BlockwiseLoop, checkpoints, DDP, progress."""

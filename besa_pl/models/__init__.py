@@ -1,0 +1,1 @@
+"""Model access: where models come from, weights read block by block, calling a block, memory."""

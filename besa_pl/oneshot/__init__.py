@@ -1,0 +1,1 @@
+"""One-shot pruning: importance statistics, and magnitude / Wanda / SparseGPT as published."""

@@ -1,0 +1,115 @@
+"""Importance scores of weights (Wanda: |W| * ||X||, Sun et al. 2024) and the per-row ranks BESA
+learns over.
+
+Input statistics are gathered with forward hooks during the reference pass of a block; the
+ranks are computed once per block and never again (weights do not change during BESA).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from besa_pl.closedform.damping import damped_inverse_cholesky
+from besa_pl.models.activations import run_block
+from besa_pl.models.loading import prunable_linears
+from besa_pl.ranks import mean_over_ranks
+
+
+class InputStatistics:
+    """Streaming fp32 statistics of a linear layer's inputs over the calibration tokens.
+
+    `col_sq` is the running mean over sequences of each input feature's squared L2 norm (Wanda);
+    with `gram=True` the Hessian 2 X X^T / n of SparseGPT is accumulated as well.
+    """
+
+    def __init__(self, linear: nn.Linear, gram: bool = False) -> None:
+        columns = linear.in_features
+        device = linear.weight.device
+        self.col_sq = torch.zeros(columns, dtype=torch.float32, device=device)
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device) if gram else None
+        self.samples = 0
+        self._handle = linear.register_forward_hook(self._hook)
+
+    @torch.no_grad()
+    def _hook(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        x = inputs[0].detach()
+        batch = x.shape[0] if x.dim() > 2 else 1
+        x = x.reshape(-1, x.shape[-1]).float()
+        total = self.samples + batch
+        # Running means, as the reference code does, so the scale does not grow with N.
+        self.col_sq.mul_(self.samples / total).add_(x.pow(2).sum(dim=0), alpha=1.0 / total)
+        if self.hessian is not None:
+            self.hessian.mul_(self.samples / total)
+            scaled = x * (2.0 / total) ** 0.5
+            self.hessian.addmm_(scaled.t(), scaled)
+        self.samples = total
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def combine_ranks(self) -> None:
+        """Under DDP: the statistics over every rank's samples (unchanged on one process)."""
+        count = self.samples
+        self.col_sq, self.samples = mean_over_ranks(self.col_sq, count)
+        if self.hessian is not None:
+            self.hessian, _ = mean_over_ranks(self.hessian, count)
+
+
+def magnitude_scores(weight: Tensor) -> Tensor:
+    return weight.detach().float().abs()
+
+
+def wanda_scores(weight: Tensor, col_sq: Tensor) -> Tensor:
+    """|W| * ||X_c||_2 (the 1/N factor in col_sq does not change any ordering)."""
+    return weight.detach().float().abs() * col_sq.sqrt().view(1, -1)
+
+
+def sparsegpt_scores(weight: Tensor, hessian: Tensor, percdamp: float = 0.01) -> Tensor:
+    """OBS saliency W^2 / diag(U)^2 with U the upper Cholesky factor of the damped H^-1."""
+    upper = damped_inverse_cholesky(hessian.float(), percdamp)
+    w = weight.detach().float().clone()
+    w[:, torch.diag(hessian) == 0] = 0
+    return w.pow(2) / torch.diag(upper).pow(2).view(1, -1)
+
+
+def row_ranks(scores: Tensor) -> Tensor:
+    """Rank of every weight within its row, 0 = least important; stable (ties keep column order)."""
+    order = torch.argsort(scores, dim=1, stable=True)
+    ranks = torch.empty_like(order, dtype=torch.int32)
+    positions = torch.arange(scores.shape[1], dtype=torch.int32, device=scores.device)
+    ranks.scatter_(1, order, positions.expand_as(ranks).contiguous())
+    return ranks
+
+
+def importance_scores(metric: str, weight: Tensor, stats: InputStatistics) -> Tensor:
+    if metric == "wanda":
+        return wanda_scores(weight, stats.col_sq)
+    if metric == "magnitude":
+        return magnitude_scores(weight)
+    if metric == "sparsegpt":
+        if stats.hessian is None:
+            raise ValueError("sparsegpt importance needs InputStatistics(gram=True)")
+        return sparsegpt_scores(weight, stats.hessian)
+    raise ValueError(f"unknown importance metric {metric!r}")
+
+
+@torch.no_grad()
+def reference_pass(block: nn.Module, inputs: Tensor, kwargs: dict, device, gram: bool = False):
+    """The dense block on the current inputs: its outputs, and every linear's input statistics."""
+    linears = prunable_linears(block)
+    stats = {name: InputStatistics(linear, gram=gram) for name, linear in linears.items()}
+    try:
+        outputs = run_block(block, inputs, kwargs, device)
+    finally:
+        for stat in stats.values():
+            stat.remove()
+    for stat in stats.values():
+        stat.combine_ranks()
+    return outputs, stats
+
+
+def rank_linears(block: nn.Module, stats: dict[str, InputStatistics], metric: str) -> dict[str, Tensor]:
+    """Per-row ranks of every linear's weights under `metric`, from the reference pass's statistics."""
+    return {name: row_ranks(importance_scores(metric, linear.weight, stats[name]))
+            for name, linear in prunable_linears(block).items()}

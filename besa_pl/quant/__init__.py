@@ -1,0 +1,1 @@
+"""Joint weight quantization: the learnable-clipping quantizer, and the packed format it saves."""
