@@ -53,7 +53,53 @@ def parse_structure(structure: str | None) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class PruneSettings:
-    """See BESAPruner for what each setting means."""
+    """The settings of one pruning run; the CLI shows each as `--model.<name>`.
+
+    Args:
+        method: besa | wanda | sparsegpt | magnitude | dense (no pruning: the dense row).
+        sparsity: target unstructured sparsity s*, 0 < s < 1.
+        granularity: row (one allocation per output row, the paper) | layer (one per layer).
+        structure: N:M semi-structured sparsity such as "2:4" (one-shot methods only).
+        importance: ranking metric BESA learns over: wanda (default) | magnitude | sparsegpt.
+        smoothing: softmax(sigmoid(logits)) as in the official code; false = softmax(logits).
+        smoothing_scale: s in softmax(s * sigmoid(z)); 1 = the official code, whose rates stay within
+            about +/-12% of the grid's centre; larger s lets them move further.
+        candidate_grid: centered (grid centred at the target; = the official grid at 0.5) | uniform.
+        num_candidates: number of candidate rates (101 in the official code).
+        penalty_weight: lambda of the sparsity penalty (5).
+        penalty_form: relative ((s-s*)/s*)^2, the code | absolute (s-s*)^2, the paper.
+        target_mode: pruned_input (dense block on pruned inputs, the code) | dense_trajectory
+            (the dense model's own activations, the paper's Algorithm 1).
+        optimizer: prodigy (default) | adamw.
+        lr: learning rate of the logits: 1.0 for prodigy, ~1e-2 for adamw.
+        d_coef: Prodigy's d_coef (5 for 7B/13B row-wise in the paper).
+        epochs_per_block: passes over the calibration samples per block (1).
+        dtype: weights' dtype: float32 | bfloat16 | float16.
+        activation_dtype: dtype of the stored activations (None = dtype); bfloat16 halves their memory.
+        quant: joint weight quantization (`--model.quant.bits 4 --model.quant.group_size 128`).
+        exact_sparsity: shift a block's learned rates by one common amount so it ends exactly at the
+            target; false = the official code's floor(C * alpha) (about 0.3% below the target).
+        reconstruct: what happens to the kept weights once a block's masks are learned, sublayer by
+            sublayer with SparseGPT's OBS sweep: auto (obs_select after BESA, none after the one-shot
+            methods) | none (the paper: they keep their dense values) | obs (update under the masks) |
+            obs_select (the masks' counts per row and 128-column block; the sweep picks which weights)
+            | obs_row (per-row counts) | obs_layer (per-layer counts).
+        reconstruct_reference: layer (each linear keeps its own dense output on its pruned-path input,
+            SparseGPT's objective) | target (each linear matches its output in the forward that made
+            the block's target: the asymmetric form).
+        reconstruct_solve: exact (after the sweep, the kept weights are solved to the optimum for the
+            final mask: masked least squares per row, Boza 2024) | sweep (as the OBS sweep leaves
+            them: SparseGPT's update, which never moves a kept weight left of a pruned one).
+        reconstruct_swaps: with the exact solve, up to this many rounds of swaps of a pruned and a
+            kept weight inside each row, scored by the exact change of the least-squares error and
+            kept only where the error falls (DSnoT-style; row counts unchanged); 0 = off.
+        percdamp: SparseGPT's damping, lambda = percdamp x the mean diagonal of each input Gram, in
+            every OBS sweep and solve; larger values keep the kept weights closer to their dense
+            values. None (default): 0.01 for the SparseGPT baseline (as published); for the
+            reconstruction 0.1 up to 50% sparsity and 0.01 above (an interim rule: held-out C4 and PTB
+            validation screens at 50% and 70% pointed this way, but its adoption also looked at
+            WikiText2 test results, so it is not yet a held-out choice).
+    """
 
     method: Method = "besa"
     sparsity: float = 0.5
@@ -139,10 +185,16 @@ class PruneSettings:
     @property
     def damping(self) -> float:
         """`percdamp` with None resolved: SparseGPT's published 0.01 for `--model.method sparsegpt`; for
-        the reconstruction after the other methods 0.1 up to 50% sparsity and 0.01 above (both chosen
-        on held-out C4 and PTB valid: at 50% the extra damping keeps the re-solved weights a little
-        closer to their dense values; at 70% it holds back the larger moves they need)."""
+        the reconstruction after the other methods 0.1 up to 50% sparsity and 0.01 above (an interim
+        rule, see the `percdamp` setting: at 50% the extra damping keeps the re-solved weights a
+        little closer to their dense values; at 70% it holds back the larger moves they need)."""
         return self.percdamp if self.percdamp is not None else auto_damping(self.method, self.target)
+
+    @property
+    def importance_damping(self) -> float:
+        """The damping of `--model.importance sparsegpt`: `percdamp` when given, else SparseGPT's 0.01
+        (the reconstruction's rule is for re-solving weights, not for ranking them)."""
+        return self.percdamp if self.percdamp is not None else SPARSEGPT_DAMPING
 
     @property
     def dense_trajectory(self) -> bool:

@@ -166,6 +166,12 @@ def test_true_sequential_groups_follow_the_blocks_call_order(tiny_block):
         ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
+def under_masks(reference: str, exact: bool, swaps: int, percdamp: float = 0.01) -> PruneSettings:
+    """The reconstruction under given masks (`--model.reconstruct obs`), with these settings."""
+    return PruneSettings(reconstruct="obs", reconstruct_reference=reference, reconstruct_solve="exact" if exact else "sweep",
+                         reconstruct_swaps=swaps, percdamp=percdamp)
+
+
 @pytest.mark.parametrize("reference, exact, swaps", [("layer", False, 0), ("target", False, 0), ("layer", True, 0),
                                                      ("layer", True, 10)])
 def test_block_reconstruction_lowers_the_block_output_error(reference, exact, swaps, tiny_block):
@@ -181,7 +187,7 @@ def test_block_reconstruction_lowers_the_block_output_error(reference, exact, sw
                 linear.weight.copy_(dense[name] * masks[name])
         masked_error = reconstruction_loss(run_block(block, inputs, kwargs, "cpu"), target)
         final = dict(masks)
-        reconstruct_block(block, dense, final, inputs, None, kwargs, "cpu", reference, exact=exact, swaps=swaps)
+        reconstruct_block(block, dense, final, inputs, None, kwargs, "cpu", under_masks(reference, exact, swaps))
         rebuilt_error = reconstruction_loss(run_block(block, inputs, kwargs, "cpu"), target)
         assert rebuilt_error < 0.9 * masked_error
         for name, linear in linears.items():
@@ -204,8 +210,7 @@ def test_heavier_damping_keeps_the_kept_weights_closer_to_their_dense_values(tin
     try:
         for percdamp in (0.01, 1.0, 1e4):
             final = dict(masks)
-            reconstruct_block(block, dense, final, inputs, None, kwargs, "cpu", "layer", exact=True, swaps=10,
-                              percdamp=percdamp)
+            reconstruct_block(block, dense, final, inputs, None, kwargs, "cpu", under_masks("layer", True, 10, percdamp))
             moved[percdamp] = sum(float((linear.weight - dense[name] * final[name]).norm() / dense[name].norm())
                                   for name, linear in linears.items())
     finally:
@@ -226,8 +231,8 @@ def test_exact_solve_with_joint_quantization_puts_every_kept_weight_on_its_grid(
     grids = {name: QuantGrid(4, None) for name in linears}
     try:
         final = dict(masks)
-        qparams = reconstruct_block(block, dense, final, inputs, None, kwargs, "cpu", "layer", grids, exact=True,
-                                    swaps=swaps)
+        qparams = reconstruct_block(block, dense, final, inputs, None, kwargs, "cpu", under_masks("layer", True, swaps),
+                                    grids)
         for name, linear in linears.items():
             weight = linear.weight.detach()
             assert torch.all(weight[~final[name]] == 0)

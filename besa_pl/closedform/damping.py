@@ -16,6 +16,18 @@ def dead_filled_and_damping(hessian: Tensor, percdamp: float) -> tuple[Tensor, T
     return h, percdamp * torch.mean(torch.diag(h).abs()).clamp_min(1e-8)
 
 
+def add_damping(h: Tensor, damp: Tensor) -> Tensor:
+    """H + lambda I (a new tensor)."""
+    return h + damp * torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
+
+
+def damped_gram(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor]:
+    """(H + lambda I in fp32 with a 1 on the diagonal of never-active inputs, which inputs are active)."""
+    alive = torch.diag(hessian) > 0
+    h, damp = dead_filled_and_damping(hessian.float(), percdamp)
+    return add_damping(h, damp), alive
+
+
 def damped_inverse_cholesky(hessian: Tensor, percdamp: float, log=None) -> Tensor:
     """Upper Cholesky factor of the inverse of the damped Hessian.
 
@@ -23,9 +35,8 @@ def damped_inverse_cholesky(hessian: Tensor, percdamp: float, log=None) -> Tenso
     up to five times; each retry is reported through `log`.
     """
     h, damp = dead_filled_and_damping(hessian, percdamp)
-    eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
-    for attempt in range(6):
-        chol, info = torch.linalg.cholesky_ex(h + damp * eye)
+    for _attempt in range(6):
+        chol, info = torch.linalg.cholesky_ex(add_damping(h, damp))
         if int(info) == 0:
             inverse = torch.cholesky_inverse(chol)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)

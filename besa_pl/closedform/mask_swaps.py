@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from besa_pl.closedform.masked_solve import conjugate_gradients, damped_gram
+from besa_pl.closedform.damping import damped_gram
+from besa_pl.closedform.masked_solve import conjugate_gradients
 
 
 @torch.no_grad()

@@ -18,14 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from besa_pl.closedform.damping import dead_filled_and_damping
-
-
-def damped_gram(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor]:
-    """(H + lambda I in fp32 with a 1 on the diagonal of never-active inputs, which inputs are active)."""
-    alive = torch.diag(hessian) > 0
-    h, damp = dead_filled_and_damping(hessian.float(), percdamp)
-    return h + damp * torch.eye(h.shape[0], device=h.device, dtype=h.dtype), alive
+from besa_pl.closedform.damping import damped_gram
 
 
 def conjugate_gradients(w: Tensor, start: Tensor, h: Tensor, free: Tensor, iterations: int,

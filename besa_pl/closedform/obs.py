@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from besa_pl.closedform.damping import damped_inverse_cholesky, dead_filled_and_damping
+from besa_pl.closedform.damping import damped_gram, damped_inverse_cholesky
 from besa_pl.quant.quantizer import quant_params
 
 
@@ -33,6 +34,23 @@ class QuantGrid:
     delta: Tensor | None = None
 
 
+class Selection(Protocol):
+    """How the sweep chooses which weights to prune, column by column (SparseGPT's adaptive mask).
+
+    At each column offset `i` of a lazy block of `width` columns, `window` says how many columns
+    the selection decides now (0: none). The sweep then calls it with those columns' current
+    weights and the diagonal of the inverse Cholesky factor (or, when `sees_rest` is true, with
+    every column the row has left, of which the first `window` are decided), and gets back which
+    of the window's weights to prune.
+    """
+
+    sees_rest: bool
+
+    def window(self, i: int, width: int) -> int: ...
+
+    def __call__(self, w: Tensor, diag: Tensor, column: int, window: int) -> Tensor: ...
+
+
 @dataclass(frozen=True)
 class SaliencySelect:
     """SparseGPT's mask choice during the sweep: in each lazy block, the weights with the lowest
@@ -41,12 +59,13 @@ class SaliencySelect:
 
     sparsity: float
     structure: tuple[int, int] | None = None
+    sees_rest = False
 
-    @property
-    def every(self) -> int | None:
-        return self.structure[1] if self.structure else None
+    def window(self, i: int, width: int) -> int:
+        span = self.structure[1] if self.structure else width  # N:M decides each group of M
+        return min(span, width - i) if i % span == 0 else 0
 
-    def __call__(self, w: Tensor, diag: Tensor, start: int) -> Tensor:
+    def __call__(self, w: Tensor, diag: Tensor, column: int, window: int) -> Tensor:
         saliency = w.pow(2) / diag.pow(2).view(1, -1)
         if self.structure is not None:
             n, m = self.structure
@@ -65,13 +84,16 @@ class LayerBudgetSelect:
     of lowest OBS saliency (as updated so far) over all rows, the block's share of the layer's count
     (proportional to its columns; the last block takes exactly what is left)."""
 
-    every = None
+    sees_rest = False
 
     def __init__(self, keep: Tensor) -> None:
         self.left = int((~keep.bool()).sum())
         self.columns_left = keep.shape[1]
 
-    def __call__(self, w: Tensor, diag: Tensor, start: int) -> Tensor:
+    def window(self, i: int, width: int) -> int:
+        return width if i == 0 else 0
+
+    def __call__(self, w: Tensor, diag: Tensor, column: int, window: int) -> Tensor:
         width = w.shape[1]
         cut = self.left if width == self.columns_left else round(self.left * width / self.columns_left)
         saliency = (w.pow(2) / diag.pow(2).view(1, -1)).reshape(-1)
@@ -88,12 +110,15 @@ class RowBudgetSelect:
     all the columns it has left, so its pruned weights go where the compensated saliency is lowest;
     the rest of its budget waits for later blocks. Each row ends with exactly its count."""
 
-    every = None
+    sees_rest = True
 
     def __init__(self, keep: Tensor) -> None:
         self.left = (~keep.bool()).sum(dim=1)
 
-    def __call__(self, w_rest: Tensor, diag_rest: Tensor, width: int) -> Tensor:
+    def window(self, i: int, width: int) -> int:
+        return width if i == 0 else 0
+
+    def __call__(self, w_rest: Tensor, diag_rest: Tensor, column: int, width: int) -> Tensor:
         saliency = w_rest.pow(2) / diag_rest.pow(2).view(1, -1)
         left = self.left.to(w_rest.device)
         if width == w_rest.shape[1]:  # the last block: exactly what is left
@@ -119,10 +144,13 @@ class CountSelect:
     the compensation, as in SparseGPT."""
 
     keep: Tensor
-    every = None
+    sees_rest = False
 
-    def __call__(self, w: Tensor, diag: Tensor, start: int) -> Tensor:
-        counts = (~self.keep[:, start : start + w.shape[1]]).sum(dim=1, keepdim=True).to(w.device)
+    def window(self, i: int, width: int) -> int:
+        return width if i == 0 else 0
+
+    def __call__(self, w: Tensor, diag: Tensor, column: int, window: int) -> Tensor:
+        counts = (~self.keep[:, column : column + w.shape[1]]).sum(dim=1, keepdim=True).to(w.device)
         saliency = w.pow(2) / diag.pow(2).view(1, -1)
         order = torch.argsort(saliency, dim=1, stable=True)
         ranks = torch.empty_like(order).scatter_(1, order, torch.arange(w.shape[1], device=w.device).expand_as(order))
@@ -143,7 +171,7 @@ def obs_sweep(
     weight: Tensor,
     hessian: Tensor,
     keep: Tensor | None = None,
-    select: SaliencySelect | CountSelect | LayerBudgetSelect | RowBudgetSelect | None = None,
+    select: Selection | None = None,
     grid: QuantGrid | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
@@ -179,13 +207,12 @@ def obs_sweep(
         k1 = keep_out[:, start:end]  # a view: the choices below land in keep_out
         for i in range(end - start):
             column = start + i
-            if isinstance(select, RowBudgetSelect):
-                if i == 0:  # sees the row's remaining columns, to spread its budget over them
-                    k1[:, :] = ~select(w[:, start:], torch.diag(upper)[start:], end - start)
-            elif select is not None:
-                span = select.every or end - start
-                if i % span == 0:
-                    k1[:, i : i + span] = ~select(w1[:, i : i + span], torch.diag(u1)[i : i + span], column)
+            window = select.window(i, end - start) if select is not None else 0
+            if window:
+                if select.sees_rest:  # at i = 0, w[:, start:] is the row's rest as updated so far
+                    k1[:, i : i + window] = ~select(w[:, column:], torch.diag(upper)[column:], column, window)
+                else:
+                    k1[:, i : i + window] = ~select(w1[:, i : i + window], torch.diag(u1)[i : i + window], column, window)
             if grid is not None and column % size == 0:
                 # From the weights as updated so far (GPTQ's order); a whole-row group is set at
                 # column 0, before any update.
@@ -214,7 +241,6 @@ def least_squares_start(weight: Tensor, hessian: Tensor, cross: Tensor, percdamp
     reference outputs W0 X_ref (C = X_ref X^T, H = X X^T). Sweeping from it under the mask minimises
     ||W X - W0 X_ref|| instead of ||(W - W0) X||, so a linear also corrects the error of the
     sublayers (and blocks) before it: the asymmetric calibration of GPTAQ (Li et al., 2025)."""
-    h, damp = dead_filled_and_damping(hessian.float(), percdamp)
-    h += damp * torch.eye(h.shape[0], device=h.device)
+    h, _ = damped_gram(hessian, percdamp)
     rhs = weight.float() @ cross.float()  # W0 X_ref X^T
     return torch.linalg.solve(h, rhs.t(), left=True).t()  # H symmetric: (H^-1 rhs^T)^T = rhs H^-1

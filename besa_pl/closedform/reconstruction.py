@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from besa_pl.closedform.gram import RunningGram
 from besa_pl.closedform.mask_swaps import swap_refine
 from besa_pl.closedform.masked_solve import masked_least_squares
 from besa_pl.closedform.obs import (
@@ -33,7 +34,10 @@ from besa_pl.closedform.obs import (
     obs_sweep,
 )
 from besa_pl.models.loading import call_block, prunable_linears
-from besa_pl.ranks import mean_over_ranks
+from besa_pl.settings import PruneSettings
+
+# How each `--model.reconstruct` value re-chooses the weights within the learned masks' counts.
+SELECTIONS = {"obs_select": CountSelect, "obs_row": RowBudgetSelect, "obs_layer": LayerBudgetSelect}
 
 
 class _Stop(Exception):
@@ -102,22 +106,26 @@ def reconstruct_block(
     reference_inputs: Tensor | None,
     kwargs: dict,
     device,
-    reference: str = "target",
+    settings: PruneSettings,
     grids: dict[str, QuantGrid] | None = None,
     log: Callable[[str], None] | None = None,
-    reselect: str | None = None,
-    exact: bool = False,
-    swaps: int = 0,
-    percdamp: float = 0.01,
 ) -> dict[str, tuple[Tensor, Tensor]]:
-    """Re-solve the kept weights of `block` in place, group by group; returns (scale, zero) per
-    linear when `grids` quantizes. `dense` holds W0 per linear, `masks` the final keep-masks;
-    `reference_inputs` are the inputs of the reference forward (None = `inputs`). With `reselect`,
-    the masks give only how many weights each row prunes per column block, and the sweep picks
-    which (`masks` is updated in place). With `exact`, the kept weights are then solved to the
-    optimum for the final mask (`masked_solve`), the mask refined by up to `swaps` rounds of swaps
-    inside each row (`mask_swaps`, counts unchanged); a quantizing grid is applied after that, by a
-    second sweep under the mask. Every sweep and solve damps the Gram by `percdamp` x its mean diagonal."""
+    """Re-solve the kept weights of `block` in place, group by group, as `settings` say; returns
+    (scale, zero) per linear when `grids` quantizes. `dense` holds W0 per linear, `masks` the final
+    keep-masks; `reference_inputs` are the inputs of the reference forward (None = `inputs`).
+
+    - `reconstruct_reference`: what each linear's output should match (module docstring);
+    - `reconstruction` obs_select / obs_row / obs_layer: the masks give only how many weights each
+      row prunes per column block / row / layer, and the sweep picks which (`masks` is updated in
+      place); obs: the sweep keeps the masks;
+    - `reconstruct_solve` exact: the kept weights are then solved to the optimum for the final mask
+      (`masked_solve`) and the mask refined by up to `reconstruct_swaps` rounds of swaps inside each
+      row (`mask_swaps`, counts unchanged); a quantizing grid is applied after that, by a second
+      sweep under the mask;
+    - `damping`: every sweep and solve damps the Gram by it x its mean diagonal."""
+    reference, percdamp, swaps = settings.reconstruct_reference, settings.damping, settings.reconstruct_swaps
+    reselect = SELECTIONS.get(settings.reconstruction)
+    exact = settings.reconstruct_solve == "exact"
     linears = prunable_linears(block)
     for name, linear in linears.items():  # start from the masked dense weights
         linear.weight.copy_((dense[name].to(linear.weight.device) * masks[name].to(linear.weight.device)).to(linear.weight.dtype))
@@ -128,26 +136,21 @@ def reconstruct_block(
     for group in groups:
         recorder = _GroupInputs(linears[group[0]])
         columns = linears[group[0]].in_features
-        hessian = torch.zeros(columns, columns, device=device)
-        cross = torch.zeros(columns, columns, device=device) if reference == "target" else None
-        tokens = 0
+        gram = RunningGram(columns, device)
+        cross_gram = RunningGram(columns, device) if reference == "target" else None
         try:
             for i in range(inputs.shape[0]):
                 hidden = inputs[i : i + 1].to(device)
                 x = recorder.take(lambda: call_block(block, hidden, kwargs))
-                total = tokens + x.shape[0]
-                # Running means (like the importance statistics) keep the scale independent of N.
-                hessian.mul_(tokens / total).addmm_(x.t(), x, alpha=1.0 / total)
-                if cross is not None:
+                gram.add(x)
+                if cross_gram is not None:
                     ref_hidden = reference_inputs[i : i + 1].to(device)
                     x_ref = recorder.take(lambda: functional_call(block, dense_params, (ref_hidden,), kwargs))
-                    cross.mul_(tokens / total).addmm_(x_ref.t(), x, alpha=1.0 / total)
-                tokens = total
+                    cross_gram.add(x, x_left=x_ref)
         finally:
             recorder.remove()
-        hessian, _ = mean_over_ranks(hessian, tokens)
-        if cross is not None:
-            cross, _ = mean_over_ranks(cross, tokens)
+        hessian = gram.combine_ranks()
+        cross = cross_gram.combine_ranks() if cross_gram is not None else None
         if cross is not None and torch.equal(cross, hessian):
             cross = None  # same inputs on both paths (the first group): SparseGPT's own update
         for name in group:
@@ -156,8 +159,7 @@ def reconstruct_block(
             if cross is not None:
                 start = least_squares_start(start, hessian, cross, percdamp)
             mask = masks[name].to(device)
-            select = {"block": CountSelect, "row": RowBudgetSelect, "layer": LayerBudgetSelect}[reselect](mask) \
-                if reselect else None
+            select = reselect(mask) if reselect else None
             grid = (grids or {}).get(name)
             weight, keep, params = obs_sweep(start, hessian, keep=None if select else mask, select=select,
                                              grid=None if exact else grid, percdamp=percdamp, log=log)

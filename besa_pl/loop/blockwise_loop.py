@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,14 +49,29 @@ from besa_pl.quant.packed import PackedWriter
 from besa_pl.quant.quantizer import burn_in, rtn_params
 
 
+@dataclass
+class BlockWork:
+    """What the loop holds for the block being pruned, from `begin_block` to `end_block`."""
+
+    index: int
+    dense: dict[str, torch.Tensor] | None  # W0 of every linear, for the reconstruction (None: no reconstruction)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # keep-masks, once final
+    qparams: dict[str, tuple] = field(default_factory=dict)  # quantization scales and zeros, once final
+    clipping: dict[str, tuple] | None = None  # BESA's learned clipping strengths (joint quantization)
+    started: float = field(default_factory=time.perf_counter)
+
+
 class BlockwiseLoop(Callback):
-    """Drives BESAPruner block by block and writes the pruned model as it goes."""
+    """Drives BESAPruner block by block and writes the pruned model as it goes.
+
+    Where the run stands is known in one place: `pruner.records`, one per finished block; the block
+    being pruned is `pruner.block_index` (= the number of finished blocks), and `self.work` is its
+    work while it is open. Lightning's epoch counter only says when a block opens and closes.
+    """
 
     def __init__(self) -> None:
-        self.records: list[dict] = []  # one per finished block: shard, statistics, learned rates
         self._resume: dict | None = None
-        self._begun: int | None = None
-        self._block: dict = {}  # the current block's work: dense weights, masks, quantization
+        self.work: BlockWork | None = None
         self._started = 0.0
         self._finished = False
 
@@ -78,9 +94,13 @@ class BlockwiseLoop(Callback):
         self._ensure_begun(trainer, pruner)  # a run resumed mid-epoch gets no on_train_epoch_start
 
     def _ensure_begun(self, trainer, pruner) -> None:
-        index = trainer.current_epoch // pruner.settings.epochs_per_block
-        if self._begun != index:
-            self.begin_block(trainer, pruner, index)
+        if self.work is None:
+            # Lightning's epochs and the finished blocks must agree, or a resume went wrong.
+            expected = trainer.current_epoch // pruner.settings.epochs_per_block
+            if expected != pruner.block_index:
+                raise RuntimeError(f"epoch {trainer.current_epoch} belongs to block {expected}, "
+                                   f"but {pruner.block_index} blocks are finished")
+            self.begin_block(trainer, pruner)
 
     def on_train_batch_end(self, trainer, pruner, outputs, batch, batch_idx) -> None:
         if trainer.received_sigterm:  # Lightning itself only checks at epoch end
@@ -93,7 +113,7 @@ class BlockwiseLoop(Callback):
             self.end_block(trainer, pruner, float(loss) if loss is not None else None)
 
     def on_save_checkpoint(self, trainer, pruner, checkpoint: dict) -> None:
-        checkpoint["besa"] = loop_state(self.records, pruner, trainer.datamodule)
+        checkpoint["besa"] = loop_state(pruner.records, pruner, trainer.datamodule)
 
     def on_fit_end(self, trainer, pruner) -> None:
         self.finish(trainer, pruner)
@@ -130,8 +150,8 @@ class BlockwiseLoop(Callback):
         self.writer = ShardWriter(root / "pruned", source.num_blocks + 1, fresh=resume is None, enabled=main)
         self.packed = PackedWriter(root / "packed", source.num_blocks + 1, s.quant, fresh=resume is None,
                                    enabled=main) if s.quant.enabled else None
-        self.records = []
-        pruner.block_index = 0
+        pruner.records = []
+        self.work = None
         self._pending_state = None
         if resume is not None:
             self.replay(trainer, pruner, resume)
@@ -142,9 +162,9 @@ class BlockwiseLoop(Callback):
         """Rebuild the activations of a resumed run by forwarding through the finished blocks."""
         s, source, cache = pruner.settings, pruner.source, pruner.cache
         device = trainer.strategy.root_device
-        self.records = list(resume["block_logs"])
+        records = list(resume["block_logs"])
         finished = WeightStore(self.writer.staging)
-        for index, record in enumerate(self.records):
+        for index, record in enumerate(records):
             path = self.writer.staging / record["shard"]
             if not path.exists() or file_digest(path) != record["digest"]:
                 raise BesaError(
@@ -157,35 +177,34 @@ class BlockwiseLoop(Callback):
                 source.release_block(index)
             run_block(source.load_block(index, device, finished), cache.inputs, kwargs, device, out=cache.inputs)
             source.release_block(index)
-        pruner.block_index = len(self.records)
+        pruner.records = records
         self._pending_state = resume["block_state"]
         step = steps_done_in_epoch(trainer)
         step = step if step < trainer.num_training_batches else 0
         console.print(f"resuming at block {pruner.block_index + 1}/{source.num_blocks} (a checkpoint taken {step} steps into it)")
 
     @torch.no_grad()
-    def begin_block(self, trainer, pruner, index: int) -> None:
+    def begin_block(self, trainer, pruner) -> None:
         """Load the block, run the reference pass, and set up its training (BESA) or prune it (one-shot)."""
         s, source, cache = pruner.settings, pruner.source, pruner.cache
         device = trainer.strategy.root_device
+        index = pruner.block_index
         block = source.load_block(index, device)
         kwargs = cache.block_kwargs[index]
         linears = prunable_linears(block)
         # W0 for the reconstruction after the masks are final.
-        self._block = {"dense": {n: lin.weight.detach().clone() for n, lin in linears.items()}
-                       if s.reconstruction != "none" else None, "masks": {}, "qparams": {}, "clipping": None,
-                       "started": time.perf_counter()}
+        dense = {n: lin.weight.detach().clone() for n, lin in linears.items()} if s.reconstruction != "none" else None
+        self.work = BlockWork(index, dense)
         outputs, stats = reference_pass(block, cache.inputs, kwargs, device, gram=s.needs_hessian)
         if s.dense_trajectory:  # the target is the dense model's own activation (also the next X_fp)
             outputs = run_block(block, cache.dense_inputs, kwargs, device)
         cache.targets = outputs if s.method == "besa" or s.dense_trajectory else None
         if s.method == "besa":
-            ranks = rank_linears(block, stats, s.importance)
+            ranks = rank_linears(block, stats, s.importance, s.importance_damping)
             state, self._pending_state = self._pending_state, None
-            pruner.begin_training(BESABlock(block, kwargs_on(kwargs, device), ranks, s), state)
+            pruner.begin_training(BESABlock(block, kwargs_to(kwargs, device), ranks, s), state)
         else:
             self._prune_one_shot(pruner, linears, stats, index)
-        self._begun = index
 
     def _prune_one_shot(self, pruner, linears, stats, index: int) -> None:
         s = pruner.settings
@@ -197,51 +216,48 @@ class BlockwiseLoop(Callback):
             keep, qparams = prune_linear(s.method, linear, stats[name], s.sparsity, s.granularity, s.nm, grid,
                                          log=lambda msg, name=name: console.print(f"[yellow]block {index} {name}:[/] {msg}"),
                                          percdamp=s.damping)
-            self._block["masks"][name] = keep
+            self.work.masks[name] = keep
             if qparams is None and s.quant.enabled and s.reconstruction == "none":
                 qparams = rtn_params(linear.weight, s.quant.bits, s.quant.group_size)
                 burn_in(linear.weight, keep, s.quant, *qparams)
             if qparams is not None:
-                self._block["qparams"][name] = qparams
+                self.work.qparams[name] = qparams
 
     @torch.no_grad()
     def end_block(self, trainer, pruner, loss: float | None) -> None:
         """Burn in, reconstruct, forward, write and free the current block."""
         s, source, cache = pruner.settings, pruner.source, pruner.cache
         device = trainer.strategy.root_device
-        index = pruner.block_index
+        work = self.work
+        index = work.index
         block = source.blocks[index]
-        work = self._block
         learned, expected = None, s.target
         if pruner.current is not None:  # BESA: the hard masks of the learned rates, burned in
             rates = pruner.current.learned_rates()
             expected = pruner.current.expected_sparsity().item()
-            work["clipping"] = pruner.current.clipping_strengths()
-            work["masks"], work["qparams"] = pruner.current.finalize()
+            work.clipping = pruner.current.clipping_strengths()
+            work.masks, work.qparams = pruner.current.finalize()
             learned = {name: rate_summary(r) for name, r in rates.items()}
             pruner.end_training()
         if s.reconstruction != "none":
-            grids = ({name: QuantGrid(s.quant.bits, s.quant.group_size, *(work["clipping"] or {}).get(name, (None, None)))
-                      for name in work["masks"]} if s.quant.enabled else None)
-            work["qparams"] = reconstruct_block(
-                block, work["dense"], work["masks"], cache.inputs, cache.dense_inputs if s.dense_trajectory else None,
-                cache.block_kwargs[index], device, s.reconstruct_reference, grids,
-                log=lambda msg: console.print(f"[yellow]block {index} reconstruction:[/] {msg}"),
-                reselect={"obs_select": "block", "obs_row": "row", "obs_layer": "layer"}.get(s.reconstruction),
-                exact=s.reconstruct_solve == "exact", swaps=s.reconstruct_swaps, percdamp=s.damping)
+            grids = ({name: QuantGrid(s.quant.bits, s.quant.group_size, *(work.clipping or {}).get(name, (None, None)))
+                      for name in work.masks} if s.quant.enabled else None)
+            work.qparams = reconstruct_block(
+                block, work.dense, work.masks, cache.inputs, cache.dense_inputs if s.dense_trajectory else None,
+                cache.block_kwargs[index], device, s, grids,
+                log=lambda msg: console.print(f"[yellow]block {index} reconstruction:[/] {msg}"))
         if s.dense_trajectory:
             cache.dense_inputs = cache.targets
         cache.targets = None
         run_block(block, cache.inputs, cache.block_kwargs[index], device, out=cache.inputs)
         shard = self.writer.write(index, prefixed(block.state_dict(), source.block_prefix(index)))
         if self.packed is not None:
-            self.packed.write_block(index, block, source.block_prefix(index), work["masks"], work["qparams"])
+            self.packed.write_block(index, block, source.block_prefix(index), work.masks, work.qparams)
         record = block_record(index, block, expected, loss, learned, shard, digest=trainer.is_global_zero)
         source.release_block(index)
-        self.records.append(record)
-        self._block = {}
-        pruner.block_index += 1
-        elapsed = time.perf_counter() - work["started"]
+        pruner.records.append(record)
+        self.work = None
+        elapsed = time.perf_counter() - work.started
         console.print(
             f"block {index + 1}/{source.num_blocks}" + (f"  loss {loss:.4f}" if loss is not None else "")
             + f"  expected sparsity {expected:.4f}  realised {record['realised_sparsity']:.4f}  {elapsed:.1f}s"
@@ -276,9 +292,9 @@ class BlockwiseLoop(Callback):
             pruner.results["bytes"] = {"fp16": fp16_bytes(root / "pruned"), "packed": packed_bytes(packed)}
             console.print(f"packed model written to {packed} ({pruner.results['bytes']['packed']:,} bytes; "
                           f"fp16 would be {pruner.results['bytes']['fp16']:,})")
-        sparsity = sparsity_report(self.records, s)
+        sparsity = sparsity_report(pruner.records, s)
         pruner.results["realised_sparsity"] = sparsity["overall"]
-        plot = save_allocation_plot(self.records, root / "allocation.png", f"{s.method} {s.target:.0%}", trainer.logger)
+        plot = save_allocation_plot(pruner.records, root / "allocation.png", f"{s.method} {s.target:.0%}", trainer.logger)
         console.print(f"allocation plot written to {plot}")
         write_json_atomic(root / FINISHED_MARKER, sparsity)
 
@@ -288,10 +304,6 @@ def rate_summary(rates: torch.Tensor) -> dict:
     rates = rates.float()
     return {"mean": float(rates.mean()), "min": float(rates.min()), "max": float(rates.max()),
             "histogram": torch.histc(rates, bins=100, min=0.0, max=1.0).int().tolist()}
-
-
-def kwargs_on(kwargs: dict, device) -> dict:
-    return kwargs_to(kwargs, device)
 
 
 def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

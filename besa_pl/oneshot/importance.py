@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from besa_pl.closedform.damping import damped_inverse_cholesky
+from besa_pl.closedform.gram import RunningGram
 from besa_pl.models.activations import run_block
 from besa_pl.models.loading import prunable_linears
 from besa_pl.ranks import mean_over_ranks
@@ -20,14 +21,15 @@ class InputStatistics:
     """Streaming fp32 statistics of a linear layer's inputs over the calibration tokens.
 
     `col_sq` is the running mean over sequences of each input feature's squared L2 norm (Wanda);
-    with `gram=True` the Hessian 2 X X^T / n of SparseGPT is accumulated as well.
+    with `gram=True` SparseGPT's Hessian X X^T is accumulated as well (`RunningGram`: the mean over
+    tokens; SparseGPT's 2 X X^T / n differs only by a scale, which its relative damping cancels).
     """
 
     def __init__(self, linear: nn.Linear, gram: bool = False) -> None:
         columns = linear.in_features
         device = linear.weight.device
         self.col_sq = torch.zeros(columns, dtype=torch.float32, device=device)
-        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device) if gram else None
+        self._gram = RunningGram(columns, device) if gram else None
         self.samples = 0
         self._handle = linear.register_forward_hook(self._hook)
 
@@ -39,11 +41,13 @@ class InputStatistics:
         total = self.samples + batch
         # Running means, as the reference code does, so the scale does not grow with N.
         self.col_sq.mul_(self.samples / total).add_(x.pow(2).sum(dim=0), alpha=1.0 / total)
-        if self.hessian is not None:
-            self.hessian.mul_(self.samples / total)
-            scaled = x * (2.0 / total) ** 0.5
-            self.hessian.addmm_(scaled.t(), scaled)
+        if self._gram is not None:
+            self._gram.add(x)
         self.samples = total
+
+    @property
+    def hessian(self) -> Tensor | None:
+        return self._gram.value if self._gram is not None else None
 
     def remove(self) -> None:
         self._handle.remove()
@@ -52,8 +56,8 @@ class InputStatistics:
         """Under DDP: the statistics over every rank's samples (unchanged on one process)."""
         count = self.samples
         self.col_sq, self.samples = mean_over_ranks(self.col_sq, count)
-        if self.hessian is not None:
-            self.hessian, _ = mean_over_ranks(self.hessian, count)
+        if self._gram is not None:
+            self._gram.combine_ranks()
 
 
 def magnitude_scores(weight: Tensor) -> Tensor:
@@ -82,7 +86,7 @@ def row_ranks(scores: Tensor) -> Tensor:
     return ranks
 
 
-def importance_scores(metric: str, weight: Tensor, stats: InputStatistics) -> Tensor:
+def importance_scores(metric: str, weight: Tensor, stats: InputStatistics, percdamp: float = 0.01) -> Tensor:
     if metric == "wanda":
         return wanda_scores(weight, stats.col_sq)
     if metric == "magnitude":
@@ -90,7 +94,7 @@ def importance_scores(metric: str, weight: Tensor, stats: InputStatistics) -> Te
     if metric == "sparsegpt":
         if stats.hessian is None:
             raise ValueError("sparsegpt importance needs InputStatistics(gram=True)")
-        return sparsegpt_scores(weight, stats.hessian)
+        return sparsegpt_scores(weight, stats.hessian, percdamp)
     raise ValueError(f"unknown importance metric {metric!r}")
 
 
@@ -109,7 +113,9 @@ def reference_pass(block: nn.Module, inputs: Tensor, kwargs: dict, device, gram:
     return outputs, stats
 
 
-def rank_linears(block: nn.Module, stats: dict[str, InputStatistics], metric: str) -> dict[str, Tensor]:
-    """Per-row ranks of every linear's weights under `metric`, from the reference pass's statistics."""
-    return {name: row_ranks(importance_scores(metric, linear.weight, stats[name]))
+def rank_linears(block: nn.Module, stats: dict[str, InputStatistics], metric: str,
+                 percdamp: float = 0.01) -> dict[str, Tensor]:
+    """Per-row ranks of every linear's weights under `metric`, from the reference pass's statistics
+    (`percdamp`: the damping of the sparsegpt metric)."""
+    return {name: row_ranks(importance_scores(metric, linear.weight, stats[name], percdamp))
             for name, linear in prunable_linears(block).items()}
