@@ -20,6 +20,7 @@ replays the calibration data through the finished blocks, read back from their s
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from besa_pl.closedform.reconstruction import reconstruct_block
 from besa_pl.compat import steps_done_in_epoch
 from besa_pl.console import console
 from besa_pl.errors import BesaError
+from besa_pl.eval.model_card import model_card, write_model_card
 from besa_pl.eval.plots import save_allocation_plot
 from besa_pl.eval.report import environment, report
 from besa_pl.loop.checkpoint import check_resume, loop_state
@@ -123,6 +125,9 @@ class BlockwiseLoop(Callback):
         if stage == "fit" and self._finished:
             self._finished = False
             report(pruner.results, trainer.default_root_dir, console)
+            if pruner.settings.pruning:
+                card = write_card(Path(trainer.default_root_dir), pruner, trainer.datamodule)
+                console.print(f"model card written to {card}")
             if trainer.logger is not None:
                 numbers = {k: v for k, v in pruner.results.items() if isinstance(v, float)}
                 trainer.logger.log_metrics(numbers)
@@ -297,6 +302,13 @@ class BlockwiseLoop(Callback):
         plot = save_allocation_plot(pruner.records, root / "allocation.png", f"{s.method} {s.target:.0%}", trainer.logger)
         console.print(f"allocation plot written to {plot}")
         write_json_atomic(root / FINISHED_MARKER, sparsity)
+
+
+def write_card(root: Path, pruner, datamodule) -> Path:
+    """pruned/README.md, from this run's results, sparsity.json and calibration."""
+    calibration = {key: getattr(datamodule, key) for key in ("dataset", "nsamples", "seqlen", "seed", "source")}
+    sparsity = json.loads((root / FINISHED_MARKER).read_text())
+    return write_model_card(root / "pruned", model_card(pruner.pretrained, pruner.results, sparsity, calibration))
 
 
 def rate_summary(rates: torch.Tensor) -> dict:
