@@ -19,6 +19,13 @@ class RankZeroConsole(Console):
 
 console = RankZeroConsole(stderr=True)
 
+
+def stage(message: str) -> None:
+    """One line per stage (writing calibration text, capture, evaluation) when stderr is not a terminal:
+    a redirected log is never silent for minutes while a terminal shows the progress bars instead."""
+    if not console.is_terminal:
+        console.print(message)
+
 _quiet = {"third_party": False}
 
 

@@ -86,7 +86,7 @@ def test_the_seed_of_self_calibration_is_refused(tiny_model_dir, tmp_path, capsy
     assert not (tmp_path / "run" / "pruned").exists()
 
 
-def test_a_run_reports_fidelity_with_no_data_folder_and_no_hub(tiny_model_dir, tmp_path, monkeypatch):
+def test_a_run_reports_fidelity_with_no_data_folder_and_no_hub(tiny_model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("BESA_DATA_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("BESA_CACHE", str(tmp_path / "cache"))
@@ -97,3 +97,9 @@ def test_a_run_reports_fidelity_with_no_data_folder_and_no_hub(tiny_model_dir, t
     found = json.loads((root / "results.json").read_text())["fidelity"]
     assert found["kl"] > 0 and 0 <= found["top1_agreement"] <= 1
     assert found["texts"] == 2 and found["seqlen"] == 16 and found["positions"] == 2 * 15
+    # Redirected output (not a terminal) gets one line per stage, so a log is never silent for minutes.
+    err = capsys.readouterr().err
+    for line in ("calibration text: the model writes 4 samples of 32 tokens", "calibration text: 4/4 samples",
+                 "capture: what block 0 receives for 4 samples of 32 tokens", "fidelity text: 2/2 samples",
+                 "evaluation: fidelity to the dense model on 2 texts of 16 tokens", "fidelity to the dense model"):
+        assert line in err, line

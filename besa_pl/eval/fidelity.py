@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
-from besa_pl.console import console
+from besa_pl.console import console, stage
 from besa_pl.data.self_calibration import SelfRecipe, self_calibration_tokens
 from besa_pl.errors import BesaError, at_least
 from besa_pl.models.activations import capture_block_inputs, head_logits, run_block
@@ -108,11 +108,13 @@ class FidelityEval(Callback):
             return  # under DDP once, on rank 0; a dense run has nothing to compare
         source = pruner.open_source()
         device = trainer.strategy.root_device
-        ids, described = self_calibration_tokens(source, self.nsamples, self.seqlen, self.seed, SelfRecipe(), device)
+        ids, described = self_calibration_tokens(source, self.nsamples, self.seqlen, self.seed, SelfRecipe(), device,
+                                                   label="fidelity text")
         calibration = getattr(trainer.datamodule, "tokens", None)
         if calibration is not None and calibration.shape[1] == ids.shape[1]:
             if (ids.unsqueeze(1) == calibration.unsqueeze(0)).all(dim=-1).any():
                 raise BesaError("FidelityEval: a text equals a calibration sample; give FidelityEval another seed")
+        stage(f"evaluation: fidelity to the dense model on {self.nsamples} texts of {self.seqlen} tokens")
         found = streamed_fidelity(source, source.evaluation_folder(trainer), ids, device, self.batch_size)
         found.update({"texts": self.nsamples, "seqlen": self.seqlen, "seed": self.seed, "source": described})
         pruner.results["fidelity"] = found

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch import Callback
 from torchmetrics.text import Perplexity
 
-from besa_pl.console import console
+from besa_pl.console import console, stage
 from besa_pl.data.calibration import documents
 from besa_pl.errors import BesaError, at_least
 from besa_pl.models.activations import capture_block_inputs, head_logits, run_block
@@ -168,6 +168,7 @@ class PerplexityEval(Callback):
             batches = windows(ids, self.seqlen, limit)
             if batches.shape[0] == 0:
                 raise BesaError(f"PerplexityEval.seqlen={self.seqlen}: {name} has only {ids.numel()} tokens; lower it")
+            stage(f"evaluation: perplexity {name} on {batches.shape[0]} windows of {self.seqlen}")
             model, device = pruner.evaluation_model()
             per_window: list[float] = []
             if model is not None and not self.streaming:

@@ -35,7 +35,7 @@ from besa_pl.besa.block import BESABlock
 from besa_pl.closedform.obs import QuantGrid
 from besa_pl.closedform.reconstruction import reconstruct_block
 from besa_pl.compat import steps_done_in_epoch
-from besa_pl.console import console
+from besa_pl.console import console, stage
 from besa_pl.errors import BesaError
 from besa_pl.eval.model_card import model_card, write_model_card
 from besa_pl.eval.plots import save_allocation_plot
@@ -144,6 +144,7 @@ class BlockwiseLoop(Callback):
         tokens = trainer.datamodule.tokens
         check_shapes(s, source.blocks)
         activation_dtype = torch_dtype(s.activation_dtype or s.dtype)
+        stage(f"capture: what block 0 receives for {tokens.shape[0]} samples of {tokens.shape[1]} tokens")
         pruner.cache = capture_block_inputs(source.model, tokens, s.dense_trajectory, activation_dtype,
                                             device="cpu", pin=device.type == "cuda")
         # X_p, the targets and (dense trajectory) X_fp, each N/ranks x T x H: see README, Memory.
