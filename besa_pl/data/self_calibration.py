@@ -39,7 +39,15 @@ FIRST_WORDS = ("the", "a", "an", "in", "on", "at", "of", "to", "for", "with", "b
 
 @dataclass(frozen=True)
 class SelfRecipe:
-    """How the model writes its calibration text (see the module docstring)."""
+    """How the model writes its calibration text (see the module docstring).
+
+    Args:
+        temperature: sampling temperature at the first token and after `schedule_steps` tokens.
+        schedule_steps: tokens over which the temperature moves linearly between the two.
+        top_p: nucleus sampling threshold (1 = plain sampling, the paper's setting).
+        filter_fraction: share of extra samples generated and dropped for the highest perplexity (0 = none).
+        batch_size: samples generated at once (no effect on the text for a given seed and batch size).
+    """
 
     temperature: tuple[float, float] = (1.0, 1.0)
     schedule_steps: int = 10

@@ -61,7 +61,9 @@ class HardwareSimulation(Callback):
 
     Args:
         pe_rows, pe_cols: PE array size (64 x 64 in the paper).
-        theta: initial dense-column threshold; theta_step, tries: its adaptation.
+        theta: initial dense-column threshold.
+        theta_step: step of the threshold's adaptation.
+        tries: adaptation steps tried.
         measure_latency: also time the model's forward pass (and 2:4 kernels on a CUDA GPU).
         latency_seqlen: tokens per timed forward pass.
     """

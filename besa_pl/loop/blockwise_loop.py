@@ -147,7 +147,7 @@ class BlockwiseLoop(Callback):
         stage(f"capture: what block 0 receives for {tokens.shape[0]} samples of {tokens.shape[1]} tokens")
         pruner.cache = capture_block_inputs(source.model, tokens, s.dense_trajectory, activation_dtype,
                                             device="cpu", pin=device.type == "cuda")
-        # X_p, the targets and (dense trajectory) X_fp, each N/ranks x T x H: see README, Memory.
+        # X_p, the targets and (dense trajectory) X_fp, each N/ranks x T x H: see docs/memory.md.
         buffers = 3 if s.dense_trajectory else 2
         pruner.results["activation_bytes_per_rank"] = buffers * pruner.cache.inputs.numel() * pruner.cache.inputs.element_size()
         resume = self._resume
