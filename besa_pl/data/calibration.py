@@ -15,11 +15,16 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from besa_pl.compat import steps_done_in_epoch
+from besa_pl.compat import (
+    ResumableForLightning,
+    data_unreachable_errors,
+    steps_done_in_epoch,
+)
 from besa_pl.data.self_calibration import SelfRecipe, self_calibration_tokens
 from besa_pl.errors import BesaError, at_least
 from besa_pl.fingerprint import tensor_fingerprint
 from besa_pl.offline import hub_reachable, resolve_data_dir
+from besa_pl.preflight import check_before_fit
 
 CALIBRATION_DATASETS = ("c4", "wikitext2", "ptb")
 
@@ -63,9 +68,10 @@ def _hub(loader, setting: str):
                         f"data.data_dir (or BESA_DATA_DIR) to a local data folder{alternative}")
     try:
         return loader()
-    except Exception as error:  # the datasets library raises many types when offline
+    except data_unreachable_errors() as error:  # offline, unknown or gated dataset, missing file
+        first_line = (str(error).splitlines() or [""])[0][:160]
         raise BesaError(
-            f"could not load from the Hugging Face hub ({type(error).__name__}: {str(error).splitlines()[0][:160]}); "
+            f"{setting}: could not load from the Hugging Face hub ({type(error).__name__}: {first_line}); "
             "set data_dir (or BESA_DATA_DIR) to a local data folder"
         ) from error
 
@@ -163,7 +169,7 @@ class ResumableSampler(Sampler[int]):
     optimizer sees exactly the steps an uninterrupted run would.
     """
 
-    def __init__(self, size: int, datamodule: "CalibrationDataModule", batch_size: int = 1) -> None:
+    def __init__(self, size: int, datamodule: CalibrationDataModule, batch_size: int = 1) -> None:
         self.size = size
         self.datamodule = datamodule
         self.batch_size = batch_size
@@ -177,14 +183,8 @@ class ResumableSampler(Sampler[int]):
         return iter(range(start, self.size))
 
 
-class ResumableLoader(DataLoader):
+class ResumableLoader(ResumableForLightning, DataLoader):
     """A DataLoader that Lightning treats as resumable (its position lives in the fit loop)."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 class CalibrationDataModule(L.LightningDataModule):
@@ -196,7 +196,7 @@ class CalibrationDataModule(L.LightningDataModule):
         data_dir: local data folder; None = the hub (or BESA_DATA_DIR).
         batch_size: calibration samples per BESA optimizer step (1 in the paper).
         generation: how the model writes its text with `dataset: self` (temperature schedule, top-p,
-            perplexity filter, batch size; see besa_pl/self_calibration.py).
+            perplexity filter, batch size; see besa_pl/data/self_calibration.py).
     """
 
     def __init__(
@@ -241,6 +241,8 @@ class CalibrationDataModule(L.LightningDataModule):
         ranks = self.trainer.world_size
         if self.nsamples % ranks:
             raise BesaError(f"data.nsamples={self.nsamples} does not split over {ranks} ranks; use a multiple of {ranks}")
+        # The first hook of a fit: the Python API refuses what the command refuses, before any work.
+        check_before_fit(self.trainer, pruner, self)
         if self.dataset == "self":
             device = self.trainer.strategy.root_device
             if self.trainer.global_rank != 0:  # rank 0 writes the text into the cache, the others read it

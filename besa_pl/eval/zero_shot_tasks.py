@@ -7,9 +7,7 @@ dataset source swapped for a JSON file converted from a local data folder.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
-from typing import Any
 
 from besa_pl.compat import lm_eval_task_config
 
@@ -62,13 +60,9 @@ EVAL_SPLIT = {"piqa": "validation", "boolq": "validation", "hellaswag": "validat
               "winogrande": "validation", "arc_easy": "test", "arc_challenge": "test"}
 
 
-def registered_config(task_manager, name: str) -> dict[str, Any]:
-    return lm_eval_task_config(task_manager.task_index[name].yaml_path)
-
-
-def local_task_configs(task_manager, tasks: list[str], folder: Path) -> tuple[list[dict], dict[str, str]]:
-    """(configs for the tasks whose files exist, {task: reason} for those skipped)."""
-    work = Path(tempfile.mkdtemp(prefix="besa-zeroshot-"))
+def local_task_configs(task_manager, tasks: list[str], folder: Path, work: Path) -> tuple[list[dict], dict[str, str]]:
+    """(configs for the tasks whose files exist, {task: reason} for those skipped). The converted files
+    go into `work`, which the caller removes once the tasks have run."""
     configs, skipped = [], {}
     for name in tasks:
         rows = READERS[name](folder)
@@ -77,7 +71,7 @@ def local_task_configs(task_manager, tasks: list[str], folder: Path) -> tuple[li
             continue
         path = work / f"{name}.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        config = registered_config(task_manager, name)
+        config = lm_eval_task_config(task_manager, name)
         split = EVAL_SPLIT[name]
         config.update(
             dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": {split: str(path)}},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 from typing import Any
 
 import torch
@@ -86,7 +87,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise BesaError(f"ckpt_path={path}: no such checkpoint; give an existing file or 'last'")
         try:
             return torch.load(path, map_location=map_location or "cpu", weights_only=False)
-        except Exception as error:
+        # What a damaged file raises (torch 2.13): the zip reader's RuntimeError, pickle's errors, an
+        # empty file's EOFError, a ValueError (UnicodeDecodeError) from flipped bytes, a read error.
+        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as error:
             raise BesaError(
                 f"ckpt_path={path}: the checkpoint is corrupt or truncated ({type(error).__name__}); "
                 "use an earlier checkpoint or start again"

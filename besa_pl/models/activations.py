@@ -43,10 +43,6 @@ class ActivationCache:
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
-    def empty_like_inputs(self) -> Tensor:
-        out = torch.empty_like(self.inputs)
-        return out.pin_memory() if self.inputs.is_pinned() else out
-
 
 def _to(value, device):
     if isinstance(value, Tensor):

