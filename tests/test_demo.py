@@ -1,4 +1,5 @@
-"""Integration tests on the demo model (SmolLM2-135M-Instruct from the PyPI wheel) and the local data folder."""
+"""Integration tests on the demo model (SmolLM2-135M-Instruct from the PyPI wheel) and the local data folder,
+and the zero-shot score arithmetic they report (which needs neither)."""
 
 import json
 
@@ -14,10 +15,7 @@ from besa_pl.models.loading import decoder_blocks, demo_model_dir
 
 from .conftest import DATA_DIR, run_cli
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not DATA_DIR.exists(), reason="shared data not found"),
-]
+# Tests marked integration skip, with the reason, when the data folder is not there (conftest.py).
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +23,7 @@ def demo_dir():
     return demo_model_dir()
 
 
+@pytest.mark.integration
 def test_demo_fit_exports_a_folder_plain_transformers_loads(demo_dir, tmp_path):
     run_cli([
         "fit", "--model.pretrained", "demo", "--data.data_dir", str(DATA_DIR), "--data.nsamples", "2",
@@ -42,6 +41,7 @@ def test_demo_fit_exports_a_folder_plain_transformers_loads(demo_dir, tmp_path):
     assert results["method"] == "besa"
 
 
+@pytest.mark.integration
 def test_dense_demo_wikitext2_window_count_and_finite_perplexity(demo_dir):
     tokenizer = AutoTokenizer.from_pretrained(demo_dir)
     model = AutoModelForCausalLM.from_pretrained(demo_dir).eval()
@@ -74,6 +74,7 @@ def test_paired_difference_and_its_standard_error():
         paired_difference("110", "1100")
 
 
+@pytest.mark.integration
 def test_zero_shot_on_local_files_marks_hellaswag_skipped(demo_dir, tmp_path, capfd):
     config = tmp_path / "zs.yaml"
     config.write_text(

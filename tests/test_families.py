@@ -22,7 +22,7 @@ def test_replaying_captured_block_inputs_reproduces_the_model(family, tiny_model
     assert cache.inputs.shape == (3, 40, 64)
     assert all(kwargs is not None and "position_embeddings" in kwargs for kwargs in cache.block_kwargs)
     hidden = cache.inputs.clone()
-    for block, kwargs in zip(decoder_blocks(model), cache.block_kwargs):
+    for block, kwargs in zip(decoder_blocks(model), cache.block_kwargs, strict=True):
         run_block(block, hidden, kwargs, "cpu", out=hidden)
     with torch.no_grad():
         replayed = model.lm_head(model.model.norm(hidden))

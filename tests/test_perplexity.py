@@ -33,7 +33,7 @@ def test_perplexity_is_exp_of_mean_window_loss_whatever_the_batch_size(tiny_mode
     assert per_window == pytest.approx(losses, rel=1e-5)  # each window's loss, for first-k perplexities later
 
 
-@pytest.mark.skipif(not DATA_DIR.exists(), reason="shared data not found")
+@pytest.mark.integration
 def test_corpora_are_joined_as_the_protocol_says():
     wiki, _ = evaluation_text("wikitext2", str(DATA_DIR))
     raw = (DATA_DIR / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
@@ -49,3 +49,27 @@ def test_corpora_are_joined_as_the_protocol_says():
     assert "no it was n't black monday but" not in valid
     c4, source = evaluation_text("c4", str(DATA_DIR))
     assert "excerpt" in source and c4.startswith("We offer valet parking")
+
+
+def test_corpora_are_joined_as_the_protocol_says_on_a_generated_data_folder(tiny_data_dir):
+    """The same joins on a folder laid out like the real one (runs without the real data)."""
+    lines = (tiny_data_dir / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8").splitlines(keepends=True)
+    wiki, source = evaluation_text("wikitext2", str(tiny_data_dir))
+    assert source == str(tiny_data_dir / "wikitext-2-raw" / "wiki.test.raw")
+    # one row per line, joined with "\n\n"; a blank line (a lone space) is an empty row
+    blank = sum(1 for line in lines if not line.strip())
+    assert 0 < blank < len(lines)
+    assert wiki == "\n\n".join(line if line.strip() else "" for line in lines)
+    assert len(wiki) == sum(map(len, lines)) - 2 * blank + 2 * (len(lines) - 1)  # as on the real file
+    ptb_lines = (tiny_data_dir / "ptb" / "ptb.test.txt").read_text(encoding="utf-8").splitlines()
+    ptb, _ = evaluation_text("ptb", str(tiny_data_dir))
+    assert ptb == " ".join(line.strip() for line in ptb_lines)
+    valid, source = evaluation_text("ptb-valid", str(tiny_data_dir))
+    assert source.endswith("ptb.valid.txt") and valid != ptb and valid.split(" ")[0] == (
+        (tiny_data_dir / "ptb" / "ptb.valid.txt").read_text(encoding="utf-8").split()[0])
+    c4, source = evaluation_text("c4", str(tiny_data_dir))
+    assert source.endswith("c4_validation_2k.parquet (local C4 validation excerpt standing in for shard 00000)")
+    import pyarrow.parquet as pq
+
+    docs = pq.read_table(tiny_data_dir / "c4" / "c4_validation_2k.parquet").column("text").to_pylist()
+    assert c4 == " ".join(docs[:1100])
