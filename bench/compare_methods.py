@@ -27,17 +27,28 @@ def run(name: str, args) -> dict:
     method, _, suffix = name.partition("-")
     quant = QuantConfig(bits=4, group_size=64) if suffix == "q4" else QuantConfig()
     structure = suffix if ":" in suffix else None
-    pruner = BESAPruner(pretrained="demo", method=method, sparsity=0.5, structure=structure, quant=quant,
-                        dtype=args.dtype)
-    data = CalibrationDataModule(dataset="c4", nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
-                                 data_dir=args.data_dir)
-    callbacks = [PerplexityEval(datasets=args.ppl, seqlen=2048, batch_size=args.eval_batch, max_windows=args.max_windows),
-                 HardwareSimulation(latency_seqlen=2048)]
+    pruner = BESAPruner(
+        pretrained="demo", method=method, sparsity=0.5, structure=structure, quant=quant, dtype=args.dtype
+    )
+    data = CalibrationDataModule(
+        dataset="c4", nsamples=args.nsamples, seqlen=args.seqlen, seed=0, data_dir=args.data_dir
+    )
+    callbacks = [
+        PerplexityEval(datasets=args.ppl, seqlen=2048, batch_size=args.eval_batch, max_windows=args.max_windows),
+        HardwareSimulation(latency_seqlen=2048),
+    ]
     if args.zero_shot_limit != 0:
         callbacks.append(ZeroShotEval(limit=args.zero_shot_limit or None, batch_size=64))
     root = Path(args.out) / name.replace(":", "_")
-    trainer = make_trainer(root, callbacks, accelerator=args.accelerator, devices=1, precision=args.precision,
-                           logger=False, enable_progress_bar=False)
+    trainer = make_trainer(
+        root,
+        callbacks,
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        logger=False,
+        enable_progress_bar=False,
+    )
     start = time.perf_counter()
     trainer.fit(pruner, datamodule=data)
     results = dict(pruner.results)
@@ -82,14 +93,20 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    print(f"\n{'run':<16}{'sparsity':>10}" + "".join(f"{'ppl ' + d:>14}" for d in args.ppl) + f"{'0-shot':>9}{'wall s':>9}")
+    print(
+        f"\n{'run':<16}{'sparsity':>10}"
+        + "".join(f"{'ppl ' + d:>14}" for d in args.ppl)
+        + f"{'0-shot':>9}{'wall s':>9}"
+    )
     for name, r in table.items():
         if "error" in r:
             print(f"{name:<16} {r['error']}")
             continue
         ppl = "".join(f"{r.get('perplexity', {}).get(d, float('nan')):>14.3f}" for d in args.ppl)
         zs = r.get("zero_shot", {}).get("mean_acc")
-        print(f"{name:<16}{r['realised_sparsity']:>10.4f}{ppl}{(100 * zs if zs else float('nan')):>9.2f}{r['wall_s']:>9.0f}")
+        print(
+            f"{name:<16}{r['realised_sparsity']:>10.4f}{ppl}{(100 * zs if zs else float('nan')):>9.2f}{r['wall_s']:>9.0f}"
+        )
 
 
 if __name__ == "__main__":

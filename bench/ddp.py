@@ -24,23 +24,49 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run(ranks: int, args) -> dict:
     root = Path(tempfile.mkdtemp(prefix=f"besa-ddp-{ranks}-"))
-    command = [sys.executable, "-m", "besa_pl.cli", "fit", "--model.pretrained", args.model, "--model.method", args.method,
-               "--data.dataset", "c4", "--data.data_dir", args.data_dir, "--data.nsamples", str(args.nsamples),
-               "--data.seqlen", str(args.seqlen), "--trainer.default_root_dir", str(root),
-               "--trainer.accelerator", args.accelerator, "--trainer.enable_progress_bar", "false",
-               "--trainer.logger", "false"]
+    command = [
+        sys.executable,
+        "-m",
+        "besa_pl.cli",
+        "fit",
+        "--model.pretrained",
+        args.model,
+        "--model.method",
+        args.method,
+        "--data.dataset",
+        "c4",
+        "--data.data_dir",
+        args.data_dir,
+        "--data.nsamples",
+        str(args.nsamples),
+        "--data.seqlen",
+        str(args.seqlen),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.accelerator",
+        args.accelerator,
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger",
+        "false",
+    ]
     if ranks > 1:
         command += ["--trainer.devices", str(ranks), "--trainer.strategy", "ddp"]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=str(REPO),
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        command, capture_output=True, text=True, cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
     seconds = [float(s) for s in re.findall(r"realised \S+\s+([\d.]+)s", done.stderr)]
     results = json.loads((root / "results.json").read_text())
-    return {"ranks": ranks, "wall_s": wall, "block_s": sum(seconds) / len(seconds),
-            "activation_gb_per_rank": results["activation_bytes_per_rank"] / 2**30}
+    return {
+        "ranks": ranks,
+        "wall_s": wall,
+        "block_s": sum(seconds) / len(seconds),
+        "activation_gb_per_rank": results["activation_bytes_per_rank"] / 2**30,
+    }
 
 
 def main() -> None:
@@ -52,12 +78,16 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--accelerator", default="cpu")
     args = parser.parse_args()
-    print(f"{args.method} on {args.model}, {args.nsamples} x {args.seqlen} calibration tokens, {args.accelerator}, "
-          f"{os.cpu_count()} CPU cores")
+    print(
+        f"{args.method} on {args.model}, {args.nsamples} x {args.seqlen} calibration tokens, {args.accelerator}, "
+        f"{os.cpu_count()} CPU cores"
+    )
     for ranks in (1, 2):
         r = run(ranks, args)
-        print(f"{ranks} rank(s): {r['block_s']:.1f} s per block, activations {r['activation_gb_per_rank']:.3f} GB per rank, "
-              f"whole run {r['wall_s']:.0f} s")
+        print(
+            f"{ranks} rank(s): {r['block_s']:.1f} s per block, activations {r['activation_gb_per_rank']:.3f} GB per rank, "
+            f"whole run {r['wall_s']:.0f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,16 @@ def checkpoint(shape: str, blocks: int) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     hidden, intermediate, heads, kv_heads, vocab = SHAPES[shape]
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=blocks,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                         max_position_embeddings=4096, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=blocks,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     with init_empty_weights():
         model = LlamaForCausalLM(config)
     staging = Path(tempfile.mkdtemp(dir=folder.parent if folder.parent.exists() else None))
@@ -54,7 +61,7 @@ def checkpoint(shape: str, blocks: int) -> Path:
     for name, parameter in model.named_parameters():
         key = name.split(".layers.")[1].split(".")[0] if ".layers." in name else "outer"
         groups.setdefault(key, {})[name] = parameter.shape
-    for number, (key, shapes) in enumerate(groups.items()):
+    for number, shapes in enumerate(groups.values()):
         file = f"model-{number + 1:05d}-of-{len(groups):05d}.safetensors"
         tensors = {}
         for name, size in shapes.items():
@@ -66,8 +73,9 @@ def checkpoint(shape: str, blocks: int) -> Path:
             total += tensors[name].numel() * 2
         save_file(tensors, str(staging / file), metadata={"format": "pt"})
         del tensors
-    (staging / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                      "weight_map": weight_map}))
+    (staging / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     config.save_pretrained(staging)
     word_level = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -97,7 +105,7 @@ from besa_pl.loop.trainer import make_trainer
 start = time.perf_counter()
 pruner = BESAPruner(pretrained={str(folder)!r}, method={method!r}, dtype={dtype!r})
 data = CalibrationDataModule(dataset={str(text_file())!r}, nsamples={nsamples}, seqlen={seqlen})
-trainer = make_trainer({tempfile.mkdtemp(prefix="besa-memory-")!r}, accelerator={'gpu' if device == 'cuda' else 'cpu'!r},
+trainer = make_trainer({tempfile.mkdtemp(prefix="besa-memory-")!r}, accelerator={"gpu" if device == "cuda" else "cpu"!r},
                        devices=1, logger=False, enable_progress_bar=False)
 trainer.fit(pruner, datamodule=data)
 print("RESULT", json.dumps({{"wall_s": time.perf_counter() - start,
@@ -106,15 +114,17 @@ print("RESULT", json.dumps({{"wall_s": time.perf_counter() - start,
     "peak_block_elements": pruner.source.peak_block_elements}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((text for text in out.stdout.splitlines() if text.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"pruning failed:\n{out.stderr[-3000:]}")
     return json.loads(line.removeprefix("RESULT "))
 
 
 def depth(args) -> None:
-    print(f"synthetic LLaMA, hidden {SHAPES['small'][0]}, intermediate {SHAPES['small'][1]}, bf16 weights, "
-          f"calibration {args.nsamples} x {args.seqlen}, {args.dtype} compute")
+    print(
+        f"synthetic LLaMA, hidden {SHAPES['small'][0]}, intermediate {SHAPES['small'][1]}, bf16 weights, "
+        f"calibration {args.nsamples} x {args.seqlen}, {args.dtype} compute"
+    )
     for method in ("wanda", "besa"):
         peaks = {}
         for blocks in (8, 32):
@@ -122,8 +132,11 @@ def depth(args) -> None:
             size = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**30
             result = prune_in_child(folder, method, args.nsamples, args.seqlen, args.dtype, args.device)
             peaks[blocks] = result["peak_rss_gb"]
-            print(f"{method:6s} {blocks:2d} blocks ({size:.2f} GB on disk): peak RSS {result['peak_rss_gb']:.2f} GB, "
-                  f"wall {result['wall_s']:.0f} s" + (f", peak GPU {result['peak_gpu_gb']:.2f} GB" if result["peak_gpu_gb"] else ""))
+            print(
+                f"{method:6s} {blocks:2d} blocks ({size:.2f} GB on disk): peak RSS {result['peak_rss_gb']:.2f} GB, "
+                f"wall {result['wall_s']:.0f} s"
+                + (f", peak GPU {result['peak_gpu_gb']:.2f} GB" if result["peak_gpu_gb"] else "")
+            )
         print(f"{method:6s} 32-block peak / 8-block peak = {peaks[32] / peaks[8]:.2f}")
 
 
@@ -131,9 +144,11 @@ def seven_b(args) -> None:
     folder = checkpoint("7b", 32)
     size = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**30
     result = prune_in_child(folder, "wanda", args.nsamples, args.seqlen, args.dtype, args.device)
-    print(f"LLaMA-2-7B shape (hidden 4096, intermediate 11008, 32 blocks, {size:.1f} GB bf16 on disk), Wanda, "
-          f"calibration {args.nsamples} x {args.seqlen}, {args.dtype} compute: peak RSS {result['peak_rss_gb']:.2f} GB, "
-          f"wall {result['wall_s'] / 60:.1f} min")
+    print(
+        f"LLaMA-2-7B shape (hidden 4096, intermediate 11008, 32 blocks, {size:.1f} GB bf16 on disk), Wanda, "
+        f"calibration {args.nsamples} x {args.seqlen}, {args.dtype} compute: peak RSS {result['peak_rss_gb']:.2f} GB, "
+        f"wall {result['wall_s'] / 60:.1f} min"
+    )
 
 
 def main() -> None:

@@ -30,8 +30,13 @@ PRESETS: dict[str, dict] = {
     "wanda": {"method": "wanda"},
     "sparsegpt": {"method": "sparsegpt"},
     # The paper's BESA: official floor rule and settings, no reconstruction.
-    "besa-paper": {"method": "besa", "exact_sparsity": False, "reconstruct": "none", "smoothing_scale": 1.0,
-                   "data.batch_size": 1},
+    "besa-paper": {
+        "method": "besa",
+        "exact_sparsity": False,
+        "reconstruct": "none",
+        "smoothing_scale": 1.0,
+        "data.batch_size": 1,
+    },
     "besa-paper-exact": {"method": "besa", "reconstruct": "none", "smoothing_scale": 1.0, "data.batch_size": 1},
     # Wanda's uniform masks with the same reconstruction as besa-d0.01: what the learned allocation adds.
     "wanda-obs": {"method": "wanda", "reconstruct": "obs_select", "reconstruct_reference": "layer", "percdamp": 0.01},
@@ -71,8 +76,9 @@ def parse_run(spec: str) -> tuple[str, dict]:
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except OSError:
         return "unknown"
 
@@ -86,10 +92,12 @@ def run_one(name: str, settings: dict, sparsity: float, args) -> dict:
     data_settings = {k.removeprefix("data."): v for k, v in settings.items() if k.startswith("data.")}
     pruner = BESAPruner(pretrained=args.model, sparsity=sparsity, dtype=args.dtype, **model_settings)
     data_settings.setdefault("dataset", "c4")  # `data.dataset=self`: the model's own text
-    data = CalibrationDataModule(nsamples=args.nsamples, seqlen=args.seqlen, seed=0, data_dir=args.data_dir,
-                                 **data_settings)
-    callbacks = [PerplexityEval(datasets=args.ppl, seqlen=2048, batch_size=args.eval_batch,
-                                max_windows=args.max_windows)]
+    data = CalibrationDataModule(
+        nsamples=args.nsamples, seqlen=args.seqlen, seed=0, data_dir=args.data_dir, **data_settings
+    )
+    callbacks = [
+        PerplexityEval(datasets=args.ppl, seqlen=2048, batch_size=args.eval_batch, max_windows=args.max_windows)
+    ]
     if args.zero_shot and sparsity in args.zero_shot_sparsities:
         callbacks.append(ZeroShotEval(limit=args.zero_shot_limit, batch_size=32))
     root = Path(args.out) / args.model / f"{name}-s{sparsity}"
@@ -97,9 +105,16 @@ def run_one(name: str, settings: dict, sparsity: float, args) -> dict:
     start = time.perf_counter()
     trainer.fit(pruner, datamodule=data)
     results = dict(pruner.results)
-    results.update(wall_s=time.perf_counter() - start, run=name, settings=settings, sparsity=sparsity,
-                   model=args.model, calibration=f"{args.nsamples} x {args.seqlen} tokens, {data.source}, seed 0",
-                   commit=args.commit, command="python bench/quality.py " + " ".join(sys.argv[1:]))
+    results.update(
+        wall_s=time.perf_counter() - start,
+        run=name,
+        settings=settings,
+        sparsity=sparsity,
+        model=args.model,
+        calibration=f"{args.nsamples} x {args.seqlen} tokens, {data.source}, seed 0",
+        commit=args.commit,
+        command="python bench/quality.py " + " ".join(sys.argv[1:]),
+    )
     return results
 
 
@@ -113,12 +128,17 @@ def evaluate_stored(stored: dict, source: str, root: Path, args) -> dict:
     pruner = BESAPruner(pretrained=source, method="dense", dtype=args.dtype)
     data = CalibrationDataModule(nsamples=1, seqlen=16, seed=0, data_dir=args.data_dir, dataset="c4")
     callbacks = [ZeroShotEval(limit=args.zero_shot_limit, batch_size=32)]
-    trainer = make_trainer(root / "zero-shot", callbacks, accelerator="cpu", devices=1, logger=False,
-                           enable_progress_bar=False)
+    trainer = make_trainer(
+        root / "zero-shot", callbacks, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False
+    )
     start = time.perf_counter()
     trainer.fit(pruner, datamodule=data)
-    return {**stored, "zero_shot": pruner.results["zero_shot"], "zero_shot_wall_s": time.perf_counter() - start,
-            "zero_shot_commit": args.commit}
+    return {
+        **stored,
+        "zero_shot": pruner.results["zero_shot"],
+        "zero_shot_wall_s": time.perf_counter() - start,
+        "zero_shot_commit": args.commit,
+    }
 
 
 def result_path(args, name: str, sparsity: float) -> Path:
@@ -168,7 +188,10 @@ def measure(args) -> None:
             tmp.write_text(json.dumps(results, indent=2, default=float))
             tmp.replace(path)
             ppl = {d: round(v, 3) for d, v in results.get("perplexity", {}).items()}
-            print(f"{path.name}: {ppl} realised {results['realised_sparsity']:.4f} wall {results['wall_s']:.0f}s", flush=True)
+            print(
+                f"{path.name}: {ppl} realised {results['realised_sparsity']:.4f} wall {results['wall_s']:.0f}s",
+                flush=True,
+            )
 
 
 def main() -> None:

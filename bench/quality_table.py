@@ -10,12 +10,34 @@ from pathlib import Path
 
 from besa_pl.eval.zero_shot import task_means
 
-ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "besa-paper", "besa-paper-exact", "wanda-obs", "besa-sweep",
-         "besa-exact", "besa-d0.01", "besa-d0.1", "besa"]
+ORDER = [
+    "dense",
+    "magnitude",
+    "wanda",
+    "sparsegpt",
+    "besa-paper",
+    "besa-paper-exact",
+    "wanda-obs",
+    "besa-sweep",
+    "besa-exact",
+    "besa-d0.01",
+    "besa-d0.1",
+    "besa",
+]
 # One colour per method in every panel (matplotlib's cycle without its grey, the dense line's); the default in black.
-COLOURS = {"magnitude": "C0", "wanda": "C1", "sparsegpt": "C2", "besa-paper": "C3", "besa-paper-exact": "C9",
-           "wanda-obs": "C4", "besa-sweep": "C5", "besa-exact": "C6", "besa-d0.01": "C8",
-           "besa-d0.1": "peru", "besa": "black"}
+COLOURS = {
+    "magnitude": "C0",
+    "wanda": "C1",
+    "sparsegpt": "C2",
+    "besa-paper": "C3",
+    "besa-paper-exact": "C9",
+    "wanda-obs": "C4",
+    "besa-sweep": "C5",
+    "besa-exact": "C6",
+    "besa-d0.01": "C8",
+    "besa-d0.1": "peru",
+    "besa": "black",
+}
 TASKS = ["piqa", "boolq", "winogrande", "arc_easy", "arc_challenge"]
 
 
@@ -55,8 +77,13 @@ def _dense_on(runs: list[dict], windows: int) -> dict | None:
 
 def write_table(results: Path, calibration: str = "128x512") -> None:
     # runs measured on WikiText2 with this calibration; the dense model needs none, so any dense run serves
-    runs = [r for r in load_runs(results) if r.get("run") in ORDER and "wikitext2" in r.get("perplexity", {})
-            and (r["calibration_key"] == calibration or r["run"] == "dense")]
+    runs = [
+        r
+        for r in load_runs(results)
+        if r.get("run") in ORDER
+        and "wikitext2" in r.get("perplexity", {})
+        and (r["calibration_key"] == calibration or r["run"] == "dense")
+    ]
     lines = ["# Quality benchmark", ""]
     shown: list[dict] = []  # the runs in the tables, whose commands the caption lists
     for model in sorted({r["model"] for r in runs if r["run"] != "dense"}):  # models with pruned runs
@@ -70,10 +97,14 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
             rows = rows + ([dense] if dense else [])
             rows.sort(key=lambda r: ORDER.index(r["run"]))
             sparsegpt = next((r for r in rows if r["run"] == "sparsegpt"), None)
-            lines += [f"### sparsity {sparsity}: WikiText2 perplexity at 2048 over the first {count} windows", "",
-                      "| method | realised sparsity | WikiText2 | distance to dense / SparseGPT's | first 40 windows | " +
-                      " | ".join(TASKS) + " | mean acc | mean acc_norm | commit |",
-                      "|---" * (8 + len(TASKS)) + "|"]
+            lines += [
+                f"### sparsity {sparsity}: WikiText2 perplexity at 2048 over the first {count} windows",
+                "",
+                "| method | realised sparsity | WikiText2 | distance to dense / SparseGPT's | first 40 windows | "
+                + " | ".join(TASKS)
+                + " | mean acc | mean acc_norm | commit |",
+                "|---" * (8 + len(TASKS)) + "|",
+            ]
             shown += rows
             for run in rows:
                 ppl = _ppl(run, "wikitext2", count)
@@ -85,25 +116,41 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
                 accs = [f"{100 * zero['tasks'][t]['acc']:.2f}" if t in zero.get("tasks", {}) else "-" for t in TASKS]
                 # runs stored before mean_acc_norm existed: recomputed from their per-task scores
                 means = task_means(zero.get("tasks", {})) if zero else {}
-                mean = " | ".join(f"{100 * means[m]:.2f}" if means.get(m) is not None else "-"
-                                  for m in ("mean_acc", "mean_acc_norm"))
-                lines.append(f"| {run['run']} | {run['realised_sparsity']:.4f} | {_fmt(ppl)} | {ratio} | "
-                             f"{_fmt(_ppl(run, 'wikitext2', 40))} | "
-                             + " | ".join(accs) + f" | {mean} | {run.get('commit', '?')} |")
+                mean = " | ".join(
+                    f"{100 * means[m]:.2f}" if means.get(m) is not None else "-" for m in ("mean_acc", "mean_acc_norm")
+                )
+                lines.append(
+                    f"| {run['run']} | {run['realised_sparsity']:.4f} | {_fmt(ppl)} | {ratio} | "
+                    f"{_fmt(_ppl(run, 'wikitext2', 40))} | "
+                    + " | ".join(accs)
+                    + f" | {mean} | {run.get('commit', '?')} |"
+                )
             lines.append("")
     # the data folder is the user's own path: shown as DATA
     commands = sorted({re.sub(r"--data-dir \S+", "--data-dir DATA", r["command"]) for r in shown if r.get("command")})
     samples, tokens = calibration.split("x")
-    lines += [f"Calibration: {samples} x {tokens} tokens of the local C4 train excerpt (`c4/c4_sample.jsonl`, the first 1000",
-              "documents of shard 00000), seed 0, the SparseGPT/Wanda recipe. Zero-shot: full local task files",
-              "(hellaswag has none), acc; mean acc_norm averages acc_norm where a task has it (piqa, arc), acc",
-              "elsewhere. Commands:", ""] + [f"    {c}" for c in commands] + [""]
+    lines += (
+        [
+            f"Calibration: {samples} x {tokens} tokens of the local C4 train excerpt (`c4/c4_sample.jsonl`, the first 1000",
+            "documents of shard 00000), seed 0, the SparseGPT/Wanda recipe. Zero-shot: full local task files",
+            "(hellaswag has none), acc; mean acc_norm averages acc_norm where a task has it (piqa, arc), acc",
+            "elsewhere. Commands:",
+            "",
+        ]
+        + [f"    {c}" for c in commands]
+        + [""]
+    )
     notes = {f"- {r['run']}: {r['note']}" for r in shown if r.get("note")}  # e.g. a run renamed later
     # zero-shot added later to a stored run (`--zero-shot`) ran on its own commit, from the stored pruned model
     # (dense: the pretrained one)
-    notes |= {f"- {r['run']}" + ("" if r["run"] == "dense" else f" at {r['sparsity']}") + ": zero-shot added at commit "
-              f"{r['zero_shot_commit']} from the " + ("pretrained" if r["run"] == "dense" else "stored pruned") +
-              " model (same command with `--zero-shot`)" for r in shown if r.get("zero_shot_commit")}
+    notes |= {
+        f"- {r['run']}" + ("" if r["run"] == "dense" else f" at {r['sparsity']}") + ": zero-shot added at commit "
+        f"{r['zero_shot_commit']} from the "
+        + ("pretrained" if r["run"] == "dense" else "stored pruned")
+        + " model (same command with `--zero-shot`)"
+        for r in shown
+        if r.get("zero_shot_commit")
+    }
     notes = sorted(notes)
     lines += (["Notes:", ""] + notes + [""]) if notes else []
     # 128 x 512 is the reporting calibration (the paper's): its table is quality.md, smaller screens get a suffix
@@ -130,8 +177,14 @@ def plot(runs: list[dict], path: Path) -> None:
                 series[run["run"]].append((run["sparsity"], _ppl(run, "wikitext2", count)))
         for name in [n for n in ORDER if n in series]:
             points = sorted(series[name])
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name, color=COLOURS[name],
-                      linewidth=2.5 if name == "besa" else 1.5)
+            axis.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                marker="o",
+                label=name,
+                color=COLOURS[name],
+                linewidth=2.5 if name == "besa" else 1.5,
+            )
         dense = _dense_on(model_runs, count)
         if dense:
             axis.axhline(_ppl(dense, "wikitext2", count), color="gray", linestyle="--", label="dense")

@@ -65,10 +65,21 @@ def timed(seconds: dict[str, float], calls: dict[str, int], label: str, function
 
 
 def environment() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
     return {"commit": commit, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu}
 
 
@@ -93,29 +104,52 @@ def main() -> None:
     pruner = BESAPruner(args.model, method=args.method, sparsity=args.sparsity, reconstruct=args.reconstruct)
     data = CalibrationDataModule(args.dataset, args.nsamples, args.seqlen, data_dir=args.data_dir)
     with tempfile.TemporaryDirectory() as root:
-        trainer = make_trainer(root, accelerator="cpu" if not torch.cuda.is_available() else "auto", logger=False,
-                               enable_progress_bar=False)
+        trainer = make_trainer(
+            root,
+            accelerator="cpu" if not torch.cuda.is_available() else "auto",
+            logger=False,
+            enable_progress_bar=False,
+        )
         start = time.perf_counter()
         trainer.fit(pruner, datamodule=data)
         wall = time.perf_counter() - start
     blocks = pruner.num_blocks
-    print(f"\n{pruner.settings.variant()}, {args.model}, {args.nsamples} x {args.seqlen} {args.dataset}: "
-          f"{wall:.1f} s wall, {blocks} blocks, {json.dumps(environment())}\n")
-    print(f"| stage | calls | s total | s per block | share of wall |\n|---|---|---|---|---|")
-    for label, parent, _owner, _name in STAGES:
+    print(
+        f"\n{pruner.settings.variant()}, {args.model}, {args.nsamples} x {args.seqlen} {args.dataset}: "
+        f"{wall:.1f} s wall, {blocks} blocks, {json.dumps(environment())}\n"
+    )
+    print("| stage | calls | s total | s per block | share of wall |\n|---|---|---|---|---|")
+    for label, _parent, _owner, _name in STAGES:
         if calls[label]:
-            print(f"| {label} | {calls[label]} | {seconds[label]:.1f} | {seconds[label] / blocks:.2f} | "
-                  f"{100 * seconds[label] / wall:.0f}% |")
+            print(
+                f"| {label} | {calls[label]} | {seconds[label]:.1f} | {seconds[label] / blocks:.2f} | "
+                f"{100 * seconds[label] / wall:.0f}% |"
+            )
         if label == "  swaps" and calls["reconstruction"]:
-            rest = seconds["reconstruction"] - sum(seconds[f"  {part}"] for part in ("OBS sweep", "exact solve", "swaps"))
+            rest = seconds["reconstruction"] - sum(
+                seconds[f"  {part}"] for part in ("OBS sweep", "exact solve", "swaps")
+            )
             print(f"|   other (Grams, forwards) | | {rest:.1f} | {rest / blocks:.2f} | {100 * rest / wall:.0f}% |")
     top = sum(seconds[label] for label, parent, _o, _n in STAGES if parent is None)
-    print(f"| everything else (Lightning, data) | | {wall - top:.1f} | {(wall - top) / blocks:.2f} | "
-          f"{100 * (wall - top) / wall:.0f}% |")
+    print(
+        f"| everything else (Lightning, data) | | {wall - top:.1f} | {(wall - top) / blocks:.2f} | "
+        f"{100 * (wall - top) / wall:.0f}% |"
+    )
     if args.json is not None:
-        args.json.write_text(json.dumps({"wall": wall, "blocks": blocks, "seconds": seconds, "calls": calls,
-                                         "variant": pruner.settings.variant(), "environment": environment(),
-                                         "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "wall": wall,
+                    "blocks": blocks,
+                    "seconds": seconds,
+                    "calls": calls,
+                    "variant": pruner.settings.variant(),
+                    "environment": environment(),
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ def stage(message: str) -> None:
     if not console.is_terminal:
         console.print(message)
 
+
 _quiet = {"third_party": False}
 
 

@@ -67,8 +67,9 @@ class BesaCLI(KeepCommandLineOnResume, LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("parser_class", _OneLineErrorParser)
         kwargs.setdefault("auto_configure_optimizers", False)  # each block brings its own optimizers
-        kwargs.setdefault("parser_kwargs", {"prog": "besa-pl", "description": DESCRIPTION,
-                                            "fit": {"description": SUBCOMMANDS["fit"]}})
+        kwargs.setdefault(
+            "parser_kwargs", {"prog": "besa-pl", "description": DESCRIPTION, "fit": {"description": SUBCOMMANDS["fit"]}}
+        )
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -81,8 +82,12 @@ class BesaCLI(KeepCommandLineOnResume, LightningCLI):
         return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--overwrite", type=bool, default=False,
-                            help="Prune again into a trainer.default_root_dir that holds a finished run")
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="Prune again into a trainer.default_root_dir that holds a finished run",
+        )
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -107,7 +112,9 @@ class BesaCLI(KeepCommandLineOnResume, LightningCLI):
             checkpoints = root / "checkpoints"
             unfinished = checkpoints.is_dir() and any(checkpoints.glob("*.ckpt"))
             if (is_finished_run(root) or unfinished) and not config.get("overwrite"):
-                what = "a finished run" if is_finished_run(root) else "an unfinished run (resume it with --ckpt_path last)"
+                what = (
+                    "a finished run" if is_finished_run(root) else "an unfinished run (resume it with --ckpt_path last)"
+                )
                 raise BesaError(
                     f"trainer.default_root_dir={root} already holds {what}; "
                     "pass --overwrite true or choose another --trainer.default_root_dir"
@@ -137,8 +144,16 @@ def quiet_libraries() -> None:
     quiet_third_party()  # the others: see console.third_party_output
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", module="lightning")
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed", "lightning.pytorch",
-                 "lm_eval", "datasets", "huggingface_hub", "urllib3", "filelock"):
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.seed",
+        "lightning.pytorch",
+        "lm_eval",
+        "datasets",
+        "huggingface_hub",
+        "urllib3",
+        "filelock",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     from transformers.utils import logging as transformers_logging
 
@@ -158,8 +173,13 @@ def run(args: list[str], verbose: bool) -> None:
     if not verbose:
         quiet_libraries()
     try:
-        BesaCLI(BESAPruner, CalibrationDataModule, args=args, save_config_kwargs={"overwrite": True},
-                trainer_defaults=dict(TRAINER_DEFAULTS))
+        BesaCLI(
+            BESAPruner,
+            CalibrationDataModule,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults=dict(TRAINER_DEFAULTS),
+        )
     except SIGTERMException:
         console.print("stopped by SIGTERM; resume with --ckpt_path last")
         sys.exit(143)
@@ -170,6 +190,7 @@ def run(args: list[str], verbose: bool) -> None:
         if besa is not None:
             console.print(f"[bold red]error:[/] {escape(str(besa))}", soft_wrap=True)
             sys.exit(2)
-        console.print(f"[bold red]error:[/] {escape(one_line(error))}; run again with --verbose for the traceback",
-                      soft_wrap=True)
+        console.print(
+            f"[bold red]error:[/] {escape(one_line(error))}; run again with --verbose for the traceback", soft_wrap=True
+        )
         sys.exit(1)

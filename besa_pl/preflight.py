@@ -23,8 +23,21 @@ HEADER_LIMIT = 100_000_000  # safetensors refuses larger headers; a larger lengt
 
 # Bytes per element of each safetensors dtype.
 DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
 }
 ACTIVATION_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -64,7 +77,9 @@ def _header_tensors(path: Path, setting: str, fix: str) -> set[str]:
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as error:  # UnicodeDecodeError is a ValueError
         raise BesaError(f"{setting}: {path} has a corrupt header ({type(error).__name__}); {fix}") from error
     if 8 + length + end > size:
-        raise BesaError(f"{setting}: {path} is truncated ({size} bytes, its header describes {8 + length + end}); {fix}")
+        raise BesaError(
+            f"{setting}: {path} is truncated ({size} bytes, its header describes {8 + length + end}); {fix}"
+        )
     return set(tensors)
 
 
@@ -81,7 +96,9 @@ def check_weight_files(folder: str | Path, setting: str = "model.pretrained") ->
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         shards = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise BesaError(f"{setting}: {index} is unreadable or has no weight_map ({type(error).__name__}); {fix}") from error
+        raise BesaError(
+            f"{setting}: {index} is unreadable or has no weight_map ({type(error).__name__}); {fix}"
+        ) from error
     missing = [shard for shard in shards if not (folder / shard).is_file()]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -109,8 +126,9 @@ def check_output_folder(root: str | Path, setting: str = "trainer.default_root_d
         raise BesaError(f"{setting}={root}: cannot be written to ({error.strerror}); {fix}") from error
 
 
-def activation_bytes(nsamples: int, seqlen: int, hidden_size: int, activation_dtype: str,
-                     dense_trajectory: bool) -> int:
+def activation_bytes(
+    nsamples: int, seqlen: int, hidden_size: int, activation_dtype: str, dense_trajectory: bool
+) -> int:
     """docs/memory.md: inputs and targets (and the dense trajectory), N x T x H each, all ranks together."""
     buffers = 3 if dense_trajectory else 2
     return buffers * nsamples * seqlen * hidden_size * ACTIVATION_BYTES[activation_dtype]
@@ -126,8 +144,9 @@ def _gb(count: int) -> str:
     return f"{count / 1e9:.1f} GB"
 
 
-def check_activation_memory(nsamples: int, seqlen: int, hidden_size: int, activation_dtype: str,
-                            dense_trajectory: bool, machines: int = 1) -> None:
+def check_activation_memory(
+    nsamples: int, seqlen: int, hidden_size: int, activation_dtype: str, dense_trajectory: bool, machines: int = 1
+) -> None:
     """The activations live in CPU memory (pinned with a GPU), on every machine its ranks' share."""
     need = activation_bytes(nsamples, seqlen, hidden_size, activation_dtype, dense_trajectory) // max(machines, 1)
     have = available_ram_bytes()
@@ -153,6 +172,11 @@ def check_before_fit(trainer, pruner, datamodule) -> None:
     if not settings.pruning or os.environ.get("LOCAL_RANK", "0") != "0":
         return  # the dense row stores no activations; one check per machine, before its ranks start
     config = source.config.get_text_config() if hasattr(source.config, "get_text_config") else source.config
-    check_activation_memory(datamodule.nsamples, datamodule.seqlen, config.hidden_size,
-                            settings.activation_dtype or settings.dtype, settings.dense_trajectory,
-                            machines=trainer.num_nodes)
+    check_activation_memory(
+        datamodule.nsamples,
+        datamodule.seqlen,
+        config.hidden_size,
+        settings.activation_dtype or settings.dtype,
+        settings.dense_trajectory,
+        machines=trainer.num_nodes,
+    )

@@ -145,8 +145,9 @@ class PruneSettings:
             positive("model.percdamp", self.percdamp)
         at_least("model.penalty_weight", self.penalty_weight, 0)
         if self.method == "besa" and self.smoothing:
-            low, high = smoothing_band(candidate_rates(self.sparsity, self.num_candidates, self.candidate_grid),
-                                       self.smoothing_scale)
+            low, high = smoothing_band(
+                candidate_rates(self.sparsity, self.num_candidates, self.candidate_grid), self.smoothing_scale
+            )
             if not low + 0.01 <= self.sparsity <= high - 0.01:
                 raise BesaError(
                     f"model.sparsity={self.sparsity} is outside [{low:.3f}, {high:.3f}], what sigmoid smoothing can reach "
@@ -154,7 +155,9 @@ class PruneSettings:
                     "--model.smoothing_scale or --model.smoothing false"
                 )
         if self.nm is not None and self.method == "besa":
-            raise BesaError("model.structure: N:M sparsity works with --model.method magnitude, wanda or sparsegpt, not besa")
+            raise BesaError(
+                "model.structure: N:M sparsity works with --model.method magnitude, wanda or sparsegpt, not besa"
+            )
         quant = self.quant
         if quant.enabled and quant.bits not in SUPPORTED_BITS:
             raise BesaError(f"model.quant.bits={quant.bits}: use one of {', '.join(map(str, SUPPORTED_BITS))}")
@@ -211,9 +214,12 @@ class PruneSettings:
         if self.method == "besa" and self.reconstruction == "none":
             text += " (the paper's: no reconstruction" + (", official floor rule)" if not self.exact_sparsity else ")")
         elif self.reconstruction != "none" and self.pruning:
-            how = {"obs": "OBS update under its masks", "obs_select": "SparseGPT's sweep choosing within its counts "
-                   "per row and column block", "obs_row": "SparseGPT's sweep choosing within its per-row counts",
-                   "obs_layer": "SparseGPT's sweep choosing within its per-layer counts"}[self.reconstruction]
+            how = {
+                "obs": "OBS update under its masks",
+                "obs_select": "SparseGPT's sweep choosing within its counts per row and column block",
+                "obs_row": "SparseGPT's sweep choosing within its per-row counts",
+                "obs_layer": "SparseGPT's sweep choosing within its per-layer counts",
+            }[self.reconstruction]
             solve = ", masked least squares" if self.reconstruct_solve == "exact" else ""
             if self.reconstruct_solve == "exact" and self.reconstruct_swaps:
                 solve += f", {self.reconstruct_swaps} rounds of swaps"

@@ -108,8 +108,18 @@ def write_piqa(folder: Path, rows: list[dict]) -> list[str]:
 
 def write_boolq(folder: Path, rows: list[dict]) -> list[str]:
     """SuperGLUE's val.jsonl: the hub's label 1 (True) / 0 (False) as the strings "true" / "false"."""
-    write_jsonl(folder / "boolq/val.jsonl", ({"question": r["question"], "passage": r["passage"], "idx": r["idx"],
-                                              "label": "true" if int(r["label"]) == 1 else "false"} for r in rows))
+    write_jsonl(
+        folder / "boolq/val.jsonl",
+        (
+            {
+                "question": r["question"],
+                "passage": r["passage"],
+                "idx": r["idx"],
+                "label": "true" if int(r["label"]) == 1 else "false",
+            }
+            for r in rows
+        ),
+    )
     return ["boolq/val.jsonl"]
 
 
@@ -125,14 +135,20 @@ def write_arc(folder: Path, splits: dict[str, list[dict]]) -> list[str]:
     written = []
     for name, rows in splits.items():
         relative = f"arc/hf-ai2_arc/{name}-test.jsonl"
-        write_jsonl(folder / relative, ({"id": r["id"], "question": r["question"], "choices": r["choices"],
-                                         "answerKey": r["answerKey"]} for r in rows))
+        write_jsonl(
+            folder / relative,
+            (
+                {"id": r["id"], "question": r["question"], "choices": r["choices"], "answerKey": r["answerKey"]}
+                for r in rows
+            ),
+        )
         written.append(relative)
     return written
 
 
 def write_hellaswag(folder: Path, rows: list[dict]) -> list[str]:
     """The hub's rows, with the label as the integer the original file holds."""
+
     def original(row: dict) -> dict:
         row = dict(row)
         if str(row.get("label", "")).isdigit():
@@ -163,9 +179,14 @@ def fetch_wikitext2(folder: Path, c4_train_documents: int) -> tuple[list[str], s
 def fetch_ptb(folder: Path, c4_train_documents: int) -> tuple[list[str], str]:
     # besa-pl's own hub source; with a `datasets` release that no longer runs loading scripts, the
     # hub's parquet conversion of the same dataset.
-    attempts = [(("ptb_text_only", "penn_treebank"), {}, "hub ptb_text_only penn_treebank"),
-                (("ptb_text_only",), {"revision": "refs/convert/parquet", "data_dir": "penn_treebank"},
-                 "hub ptb_text_only penn_treebank (refs/convert/parquet)")]
+    attempts = [
+        (("ptb_text_only", "penn_treebank"), {}, "hub ptb_text_only penn_treebank"),
+        (
+            ("ptb_text_only",),
+            {"revision": "refs/convert/parquet", "data_dir": "penn_treebank"},
+            "hub ptb_text_only penn_treebank (refs/convert/parquet)",
+        ),
+    ]
     errors = []
     for args, kwargs, source in attempts:
         try:
@@ -184,8 +205,10 @@ def fetch_c4(folder: Path, c4_train_documents: int) -> tuple[list[str], str]:
     train_docs = _rows(train if c4_train_documents <= 0 else train.take(c4_train_documents))
     validation_docs = _rows(validation.take(C4_VALIDATION_DOCUMENTS))
     count = "all" if c4_train_documents <= 0 else f"first {len(train_docs)}"
-    return (write_c4(folder, train_docs, validation_docs),
-            f"hub allenai/c4: {count} documents of {C4_TRAIN_SHARD}, first {len(validation_docs)} of {C4_VALIDATION_SHARD}")
+    return (
+        write_c4(folder, train_docs, validation_docs),
+        f"hub allenai/c4: {count} documents of {C4_TRAIN_SHARD}, first {len(validation_docs)} of {C4_VALIDATION_SHARD}",
+    )
 
 
 def fetch_piqa(folder: Path, c4_train_documents: int) -> tuple[list[str], str]:
@@ -208,13 +231,17 @@ def fetch_arc(folder: Path, c4_train_documents: int) -> tuple[list[str], str]:
 
 
 def fetch_hellaswag(folder: Path, c4_train_documents: int) -> tuple[list[str], str]:
-    return write_hellaswag(folder, _rows(_load("Rowan/hellaswag", split="validation"))), "hub Rowan/hellaswag validation"
+    return write_hellaswag(
+        folder, _rows(_load("Rowan/hellaswag", split="validation"))
+    ), "hub Rowan/hellaswag validation"
 
 
 # name -> (fetch, the files it writes: present means done)
 DATASETS = {
-    "wikitext2": (fetch_wikitext2, ["wikitext-2-raw/wiki.test.raw", "wikitext-2-raw/wiki.valid.raw",
-                                    "wikitext-2-raw/wiki.train.raw"]),
+    "wikitext2": (
+        fetch_wikitext2,
+        ["wikitext-2-raw/wiki.test.raw", "wikitext-2-raw/wiki.valid.raw", "wikitext-2-raw/wiki.train.raw"],
+    ),
     "ptb": (fetch_ptb, ["ptb/ptb.test.txt", "ptb/ptb.valid.txt", "ptb/ptb.train.txt"]),
     "c4": (fetch_c4, ["c4/c4_sample.jsonl", "c4/c4_validation_2k.parquet"]),
     "piqa": (fetch_piqa, ["piqa/valid.jsonl", "piqa/valid-labels.lst"]),
@@ -238,9 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", type=Path, help="the data folder to write (BESA_DATA_DIR)")
     parser.add_argument("--only", nargs="+", choices=sorted(DATASETS), help="these datasets only")
     parser.add_argument("--force", action="store_true", help="rewrite files that are already there")
-    parser.add_argument("--c4-train-documents", type=int, default=1000,
-                        help="documents of C4 train shard 00000 to keep, from its start (1000, the excerpt the "
-                             "results in docs/results.md calibrated on; 0 = the whole shard, about 356k)")
+    parser.add_argument(
+        "--c4-train-documents",
+        type=int,
+        default=1000,
+        help="documents of C4 train shard 00000 to keep, from its start (1000, the excerpt the "
+        "results in docs/results.md calibrated on; 0 = the whole shard, about 356k)",
+    )
     args = parser.parse_args(argv)
     folder = args.folder.expanduser()
     folder.mkdir(parents=True, exist_ok=True)

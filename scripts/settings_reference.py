@@ -89,8 +89,9 @@ def arg_docs(docstring: str | None) -> dict[str, str]:
 def summary(docstring: str | None) -> str:
     """The docstring up to its Args/Returns/Raises section, one line per blank-line-separated paragraph."""
     text = inspect.cleandoc(docstring or "")
-    text = re.split(r"^(?:Args|Arguments|Returns|Raises|Yields|Example|Examples):\s*$", text, maxsplit=1,
-                    flags=re.MULTILINE)[0]
+    text = re.split(
+        r"^(?:Args|Arguments|Returns|Raises|Yields|Example|Examples):\s*$", text, maxsplit=1, flags=re.MULTILINE
+    )[0]
     return "\n\n".join(" ".join(block.split()) for block in re.split(r"\n\s*\n", text) if block.strip())
 
 
@@ -118,8 +119,9 @@ def dataclass_rows(cls, prefix: str, docs: dict[str, str] | None = None) -> list
         default = item.default
         if default is dataclasses.MISSING and item.default_factory is not dataclasses.MISSING:
             default = item.default_factory()
-        rows.append((f"{prefix}.{item.name}", format_type(hints[item.name]), format_default(default),
-                     meaning(item.name, docs)))
+        rows.append(
+            (f"{prefix}.{item.name}", format_type(hints[item.name]), format_default(default), meaning(item.name, docs))
+        )
     return rows
 
 
@@ -141,9 +143,13 @@ def added_arguments(path: Path) -> list[tuple[str, str, str, str]]:
     """`parser.add_argument("--x", type=..., default=..., help=...)` calls in a source file."""
     rows = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and node.func.attr == "add_argument" and node.args
-                and isinstance(node.args[0], ast.Constant)):
+        if not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "add_argument"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
             continue
         keywords = {keyword.arg: keyword.value for keyword in node.keywords}
         kind = ast.unparse(keywords["type"]) if "type" in keywords else ""
@@ -198,26 +204,54 @@ def render() -> str:
     ]
     pruner_docs = arg_docs(BESAPruner.__doc__)
     pretrained = inspect.signature(BESAPruner.__init__).parameters["pretrained"]
-    model_rows = [("--model.pretrained", format_type(typing.get_type_hints(BESAPruner.__init__)["pretrained"]),
-                   format_default(pretrained.default), meaning("pretrained", pruner_docs))]
-    model_rows += [(f"--{name}", kind, default, text) for name, kind, default, text in dataclass_rows(PruneSettings, "model")]
+    model_rows = [
+        (
+            "--model.pretrained",
+            format_type(typing.get_type_hints(BESAPruner.__init__)["pretrained"]),
+            format_default(pretrained.default),
+            meaning("pretrained", pruner_docs),
+        )
+    ]
+    model_rows += [
+        (f"--{name}", kind, default, text) for name, kind, default, text in dataclass_rows(PruneSettings, "model")
+    ]
     out += table(model_rows)
-    out += ["", "## `--model.quant.*`: joint weight quantization", "",
-            f"`besa_pl.quant.quantizer.QuantConfig`. {summary(QuantConfig.__doc__)}", ""]
+    out += [
+        "",
+        "## `--model.quant.*`: joint weight quantization",
+        "",
+        f"`besa_pl.quant.quantizer.QuantConfig`. {summary(QuantConfig.__doc__)}",
+        "",
+    ]
     out += table([(f"--{n}", k, d, t) for n, k, d, t in dataclass_rows(QuantConfig, "model.quant")])
-    out += ["", "## `--data.*`: calibration data", "",
-            f"`besa_pl.data.calibration.CalibrationDataModule`. {summary(CalibrationDataModule.__doc__)}", ""]
+    out += [
+        "",
+        "## `--data.*`: calibration data",
+        "",
+        f"`besa_pl.data.calibration.CalibrationDataModule`. {summary(CalibrationDataModule.__doc__)}",
+        "",
+    ]
     out += table(signature_rows(CalibrationDataModule, "--data."))
-    out += ["", "### `--data.generation.*`: self-calibration (`--data.dataset self`)", "",
-            f"`besa_pl.data.self_calibration.SelfRecipe`. {summary(SelfRecipe.__doc__)}", ""]
+    out += [
+        "",
+        "### `--data.generation.*`: self-calibration (`--data.dataset self`)",
+        "",
+        f"`besa_pl.data.self_calibration.SelfRecipe`. {summary(SelfRecipe.__doc__)}",
+        "",
+    ]
     out += [summary(sys.modules[SelfRecipe.__module__].__doc__), ""]
     out += table([(f"--{n}", k, d, t) for n, k, d, t in dataclass_rows(SelfRecipe, "data.generation")])
 
     automatic = {type(callback).__name__ for callback in trainer_module.required_callbacks("root")}
-    out += ["", "## `trainer.callbacks`: the loop and the evaluations", "",
-            summary(callback_module.__doc__) + " A config lists them under `trainer.callbacks`,",
-            "each as `class_path: besa_pl.callbacks.<name>` with its arguments under `init_args`;",
-            "drop an evaluation to skip it. " + summary(trainer_module.complete_callbacks.__doc__), ""]
+    out += [
+        "",
+        "## `trainer.callbacks`: the loop and the evaluations",
+        "",
+        summary(callback_module.__doc__) + " A config lists them under `trainer.callbacks`,",
+        "each as `class_path: besa_pl.callbacks.<name>` with its arguments under `init_args`;",
+        "drop an evaluation to skip it. " + summary(trainer_module.complete_callbacks.__doc__),
+        "",
+    ]
     for name in sorted(callback_module.__all__, key=lambda n: (n in automatic, n)):
         cls = getattr(callback_module, name)
         out += [f"### `besa_pl.callbacks.{name}`", ""]
@@ -231,18 +265,26 @@ def render() -> str:
         elif not rows:
             out += ["No arguments.", ""]
 
-    out += ["## besa-pl's own command-line flags", "",
-            "Besides `--config FILE` (repeatable: later files override earlier ones) and",
-            "`--print_config`, which are Lightning's:", "",
-            "| flag | where | meaning |", "|---|---|---|"]
+    out += [
+        "## besa-pl's own command-line flags",
+        "",
+        "Besides `--config FILE` (repeatable: later files override earlier ones) and",
+        "`--print_config`, which are Lightning's:",
+        "",
+        "| flag | where | meaning |",
+        "|---|---|---|",
+    ]
     for flag, text in usage_options(cli.usage()):
         out.append(f"| `{cell(flag)}` | `besa-pl` | {cell(text)} |")
     lightning_cli = REPO / "besa_pl" / "lightning_cli.py"
     for flag, kind, default, text in added_arguments(lightning_cli):
         out.append(f"| `{cell(flag)}` | `besa-pl fit` ({cell(kind)}, default `{cell(default)}`) | {cell(text)} |")
     if '"last"' in lightning_cli.read_text(encoding="utf-8"):
-        out.append("| `--ckpt_path` | `besa-pl fit` (Lightning's) | resume from a checkpoint file; `last` means: "
-                   + cell(summary(trainer_module.latest_checkpoint.__doc__)) + " |")
+        out.append(
+            "| `--ckpt_path` | `besa-pl fit` (Lightning's) | resume from a checkpoint file; `last` means: "
+            + cell(summary(trainer_module.latest_checkpoint.__doc__))
+            + " |"
+        )
     return "\n".join(out).rstrip() + "\n"
 
 

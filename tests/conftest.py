@@ -18,8 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 # Only tests marked `integration` read it: everything else needs nothing but the repository.
 DATA_DIR = Path(os.environ.get("BESA_DATA_DIR") or os.environ.get("BESA_TEST_DATA") or REPO.parent / "shared" / "data")
 WIKI_TEST = DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"
-NO_DATA_REASON = (f"integration test: the data folder is not at {DATA_DIR} (no {WIKI_TEST.relative_to(DATA_DIR)}); "
-                  "set BESA_DATA_DIR to a folder laid out like shared/data")
+NO_DATA_REASON = (
+    f"integration test: the data folder is not at {DATA_DIR} (no {WIKI_TEST.relative_to(DATA_DIR)}); "
+    "set BESA_DATA_DIR to a folder laid out like shared/data"
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -91,8 +93,9 @@ def _trained_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(generated_lines(2000, seed=1), vocab_size=512, min_frequency=2,
-                            special_tokens=["<s>", "</s>"])
+    bpe.train_from_iterator(
+        generated_lines(2000, seed=1), vocab_size=512, min_frequency=2, special_tokens=["<s>", "</s>"]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
 
 
@@ -108,16 +111,26 @@ def tiny_config(family: str):
     from transformers import AutoConfig
 
     common = dict(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
     )
     if family == "gemma":
         return AutoConfig.for_model("gemma", head_dim=16, **common)
     if family == "qwen2":
         # Mixed layer types: one sliding-window layer, so blocks receive different masks.
         return AutoConfig.for_model(
-            "qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1,
-            layer_types=["full_attention", "sliding_attention", "full_attention"], **common,
+            "qwen2",
+            use_sliding_window=True,
+            sliding_window=16,
+            max_window_layers=1,
+            layer_types=["full_attention", "sliding_attention", "full_attention"],
+            **common,
         )
     if family == "mistral":
         return AutoConfig.for_model("mistral", sliding_window=16, **common)
@@ -164,8 +177,9 @@ def write_data_folder(folder: Path, documents: int = 60, seed: int = 0) -> Path:
     lines = generated_lines(documents, seed)
     # Documents of varied length: some shorter than a calibration window, most longer.
     docs = [line if rng.random() < 0.8 else line.split(".")[0] + "." for line in lines]
-    (folder / "c4" / "c4_sample.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs),
-                                                   encoding="utf-8")
+    (folder / "c4" / "c4_sample.jsonl").write_text(
+        "".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8"
+    )
     pq.write_table(pa.table({"text": generated_lines(20, seed + 1)}), folder / "c4" / "c4_validation_2k.parquet")
     (folder / "wikitext-2-raw").mkdir(exist_ok=True)
     wiki = [" "] + [f" {line} " if i % 3 else " " for i, line in enumerate(generated_lines(60, seed + 2))]
@@ -199,8 +213,22 @@ def run_cli(args: list[str]) -> None:
 
 def fit_args(model_dir: Path, text: Path, root: Path, *extra: str) -> list[str]:
     return [
-        "fit", "--model.pretrained", str(model_dir), "--data.dataset", str(text),
-        "--data.nsamples", "4", "--data.seqlen", "32", "--trainer.default_root_dir", str(root),
-        "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+        "fit",
+        "--model.pretrained",
+        str(model_dir),
+        "--data.dataset",
+        str(text),
+        "--data.nsamples",
+        "4",
+        "--data.seqlen",
+        "32",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger",
+        "false",
         *extra,
     ]

@@ -51,25 +51,33 @@ def assert_nothing_finished(root):
 
 def callback_config(tmp_path, class_name: str, init_args: str) -> list[str]:
     path = tmp_path / "callback.yaml"
-    path.write_text(f"trainer:\n  callbacks:\n    - class_path: besa_pl.callbacks.{class_name}\n"
-                    f"      init_args: {init_args}\n")
+    path.write_text(
+        f"trainer:\n  callbacks:\n    - class_path: besa_pl.callbacks.{class_name}\n      init_args: {init_args}\n"
+    )
     return ["--config", str(path)]
 
 
 # ---------------------------------------------------------------- the pruning settings (PruneSettings)
 
-OUTSIDE_BAND = ("model.sparsity=0.8 is outside [0.376, 0.624], what sigmoid smoothing can reach on the uniform grid; "
-                "use --model.candidate_grid centered, a larger --model.smoothing_scale or --model.smoothing false")
+OUTSIDE_BAND = (
+    "model.sparsity=0.8 is outside [0.376, 0.624], what sigmoid smoothing can reach on the uniform grid; "
+    "use --model.candidate_grid centered, a larger --model.smoothing_scale or --model.smoothing false"
+)
 
 BAD_MODEL_SETTINGS = [
-    ({"method": "prune-it"}, "model.method=prune-it: unknown value; use one of besa, wanda, sparsegpt, magnitude, dense"),
+    (
+        {"method": "prune-it"},
+        "model.method=prune-it: unknown value; use one of besa, wanda, sparsegpt, magnitude, dense",
+    ),
     ({"sparsity": 1.2}, "model.sparsity=1.2: must be strictly between 0 and 1 (e.g. 0.5)"),
     ({"sparsity": 0.0}, "model.sparsity=0.0: must be strictly between 0 and 1 (e.g. 0.5)"),
     ({"granularity": "column"}, "model.granularity=column: unknown value; use one of row, layer"),
     ({"structure": "2-4", "method": "wanda"}, "model.structure=2-4: write N:M with N < M, e.g. 2:4"),
     ({"structure": "4:2", "method": "wanda"}, "model.structure=4:2: write N:M with 0 < N < M, e.g. 2:4"),
-    ({"structure": "2:4"},
-     "model.structure: N:M sparsity works with --model.method magnitude, wanda or sparsegpt, not besa"),
+    (
+        {"structure": "2:4"},
+        "model.structure: N:M sparsity works with --model.method magnitude, wanda or sparsegpt, not besa",
+    ),
     ({"importance": "random"}, "model.importance=random: unknown value; use one of wanda, magnitude, sparsegpt"),
     ({"smoothing_scale": 0.0}, "model.smoothing_scale=0.0: must be positive"),
     ({"candidate_grid": "log"}, "model.candidate_grid=log: unknown value; use one of centered, uniform"),
@@ -89,15 +97,20 @@ BAD_MODEL_SETTINGS = [
     ({"quant": QuantConfig(bits=5)}, "model.quant.bits=5: use one of 2, 3, 4, 8"),
     ({"quant": QuantConfig(bits=4, group_size=0)}, "model.quant.group_size=0: must be at least 1"),
     ({"quant": QuantConfig(bits=4, clip_lr=0.0)}, "model.quant.clip_lr=0.0: must be positive"),
-    ({"reconstruct": "sgd"},
-     "model.reconstruct=sgd: unknown value; use one of auto, none, obs, obs_select, obs_row, obs_layer"),
+    (
+        {"reconstruct": "sgd"},
+        "model.reconstruct=sgd: unknown value; use one of auto, none, obs, obs_select, obs_row, obs_layer",
+    ),
     ({"reconstruct_reference": "block"}, "model.reconstruct_reference=block: unknown value; use one of layer, target"),
     ({"reconstruct_solve": "lstsq"}, "model.reconstruct_solve=lstsq: unknown value; use one of sweep, exact"),
 ]
 
 
-@pytest.mark.parametrize("settings,expected", BAD_MODEL_SETTINGS,
-                         ids=[" ".join(f"{k}={v}" for k, v in s.items()) for s, _ in BAD_MODEL_SETTINGS])
+@pytest.mark.parametrize(
+    "settings,expected",
+    BAD_MODEL_SETTINGS,
+    ids=[" ".join(f"{k}={v}" for k, v in s.items()) for s, _ in BAD_MODEL_SETTINGS],
+)
 def test_bad_pruning_setting(settings, expected):
     assert raised(lambda: PruneSettings(**settings)) == expected
 
@@ -115,13 +128,21 @@ def tiny_blocks(tiny_model_dir):
     return ModelSource(str(tiny_model_dir("llama")), PruneSettings()).blocks
 
 
-@pytest.mark.parametrize("settings,expected", [
-    ({"structure": "3:7", "method": "wanda"},
-     "model.structure=3:7: block 0 self_attn.q_proj has 64 input features, not a multiple of 7; pick another N:M"),
-    ({"quant": QuantConfig(bits=4, group_size=48)},
-     "model.quant.group_size=48 does not divide block 0 self_attn.q_proj's 64 input features; pick a divisor or "
-     "leave it unset"),
-], ids=["structure 3:7", "quant.group_size 48"])
+@pytest.mark.parametrize(
+    "settings,expected",
+    [
+        (
+            {"structure": "3:7", "method": "wanda"},
+            "model.structure=3:7: block 0 self_attn.q_proj has 64 input features, not a multiple of 7; pick another N:M",
+        ),
+        (
+            {"quant": QuantConfig(bits=4, group_size=48)},
+            "model.quant.group_size=48 does not divide block 0 self_attn.q_proj's 64 input features; pick a divisor or "
+            "leave it unset",
+        ),
+    ],
+    ids=["structure 3:7", "quant.group_size 48"],
+)
 def test_settings_that_must_fit_the_models_shapes(settings, expected, tiny_blocks):
     assert raised(lambda: check_shapes(PruneSettings(**settings), tiny_blocks)) == expected
     check_shapes(PruneSettings(method="wanda", structure="2:4", quant=QuantConfig(bits=4, group_size=16)), tiny_blocks)
@@ -133,20 +154,30 @@ BAD_DATA_SETTINGS = [
     ({"nsamples": 0}, "data.nsamples=0: must be at least 1"),
     ({"seqlen": 1}, "data.seqlen=1: must be at least 2"),
     ({"batch_size": 0}, "data.batch_size=0: must be at least 1"),
-    ({"data_dir": "/no/such/folder"}, "data.data_dir=/no/such/folder: no such folder; give a folder laid out like the "
-                                      "README's data folder, or leave it unset to use the Hugging Face hub"),
-    ({"generation": SelfRecipe(temperature=(0.0, 1.0))},
-     "data.generation.temperature=[0.0, 1.0]: both temperatures must be positive"),
+    (
+        {"data_dir": "/no/such/folder"},
+        "data.data_dir=/no/such/folder: no such folder; give a folder laid out like the "
+        "README's data folder, or leave it unset to use the Hugging Face hub",
+    ),
+    (
+        {"generation": SelfRecipe(temperature=(0.0, 1.0))},
+        "data.generation.temperature=[0.0, 1.0]: both temperatures must be positive",
+    ),
     ({"generation": SelfRecipe(top_p=1.5)}, "data.generation.top_p=1.5: must be in (0, 1]"),
-    ({"generation": SelfRecipe(filter_fraction=1.0)},
-     "data.generation.filter_fraction=1.0: must be in [0, 1) (0.2 drops the 20% of samples with the highest perplexity)"),
+    (
+        {"generation": SelfRecipe(filter_fraction=1.0)},
+        "data.generation.filter_fraction=1.0: must be in [0, 1) (0.2 drops the 20% of samples with the highest perplexity)",
+    ),
     ({"generation": SelfRecipe(batch_size=0)}, "data.generation.batch_size=0: must be at least 1"),
     ({"generation": SelfRecipe(schedule_steps=0)}, "data.generation.schedule_steps=0: must be at least 1"),
 ]
 
 
-@pytest.mark.parametrize("settings,expected", BAD_DATA_SETTINGS,
-                         ids=[" ".join(f"{k}={v}" for k, v in s.items()) for s, _ in BAD_DATA_SETTINGS])
+@pytest.mark.parametrize(
+    "settings,expected",
+    BAD_DATA_SETTINGS,
+    ids=[" ".join(f"{k}={v}" for k, v in s.items()) for s, _ in BAD_DATA_SETTINGS],
+)
 def test_bad_data_setting(settings, expected):
     assert raised(lambda: CalibrationDataModule(dataset="self", **settings)) == expected
 
@@ -159,8 +190,9 @@ def fake_trainer(context: int, world_size: int = 1):
 def test_calibration_windows_must_fit_the_models_context_and_split_over_the_ranks():
     data = CalibrationDataModule(dataset="self", nsamples=4, seqlen=1024)
     data.trainer = fake_trainer(512)
-    assert raised(lambda: data.setup("fit")) == ("data.seqlen=1024 is longer than the model's context (512 tokens); "
-                                                 "lower data.seqlen")
+    assert raised(lambda: data.setup("fit")) == (
+        "data.seqlen=1024 is longer than the model's context (512 tokens); lower data.seqlen"
+    )
     data = CalibrationDataModule(dataset="self", nsamples=7, seqlen=32)
     data.trainer = fake_trainer(512, world_size=2)
     assert raised(lambda: data.setup("fit")) == "data.nsamples=7 does not split over 2 ranks; use a multiple of 2"
@@ -171,36 +203,47 @@ def test_calibration_sources_that_cannot_be_read(tiny_model_dir, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
     assert raised(lambda: calibration_tokens("wikitext103", tokenizer, 4, 32, 0, None)) == (
-        "data.dataset=wikitext103: not c4, wikitext2, ptb, self or an existing .txt/.jsonl file")
+        "data.dataset=wikitext103: not c4, wikitext2, ptb, self or an existing .txt/.jsonl file"
+    )
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 ".encode("latin-1") * 500)
     assert raised(lambda: calibration_tokens(str(bad), tokenizer, 4, 32, 0, None)) == (
-        f"data.dataset={bad}: not UTF-8 text (invalid continuation byte at byte 3); convert it to UTF-8")
+        f"data.dataset={bad}: not UTF-8 text (invalid continuation byte at byte 3); convert it to UTF-8"
+    )
     (tmp_path / "empty").mkdir()
     assert raised(lambda: calibration_tokens("c4", tokenizer, 4, 32, 0, str(tmp_path / "empty"))) == (
         f"data.dataset: the data folder {tmp_path / 'empty'} has no c4 train split (expected c4/c4_sample.jsonl); "
-        "add the file, pick another dataset, or unset data_dir/BESA_DATA_DIR to use the hub")
+        "add the file, pick another dataset, or unset data_dir/BESA_DATA_DIR to use the hub"
+    )
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
     assert raised(lambda: calibration_tokens(str(broken), tokenizer, 4, 32, 0, None)).startswith(
-        f"data.dataset={broken}: every line must be a JSON object with a 'text' field")
+        f"data.dataset={broken}: every line must be a JSON object with a 'text' field"
+    )
     short = tmp_path / "short.txt"
     short.write_text("Only a few words.")
     message = raised(lambda: calibration_tokens(str(short), tokenizer, 4, 32, 0, None))
     assert message.startswith("data.dataset: the text has ") and message.endswith(
-        "tokens, not more than data.seqlen=32; lower data.seqlen or add text")
+        "tokens, not more than data.seqlen=32; lower data.seqlen or add text"
+    )
 
 
 # ---------------------------------------------------------------- the evaluation callbacks
 
 BAD_CALLBACK_ARGS = [
-    (PerplexityEval, {"datasets": ["wikitext103"]},
-     "PerplexityEval.datasets: unknown dataset 'wikitext103'; use wikitext2, c4, ptb, heldout, ptb-valid"),
+    (
+        PerplexityEval,
+        {"datasets": ["wikitext103"]},
+        "PerplexityEval.datasets: unknown dataset 'wikitext103'; use wikitext2, c4, ptb, heldout, ptb-valid",
+    ),
     (PerplexityEval, {"seqlen": 1}, "PerplexityEval.seqlen=1: must be at least 2"),
     (PerplexityEval, {"batch_size": 0}, "PerplexityEval.batch_size=0: must be at least 1"),
     (PerplexityEval, {"max_windows": 0}, "PerplexityEval.max_windows=0: must be at least 1"),
-    (ZeroShotEval, {"tasks": ["mmlu"]},
-     "ZeroShotEval.tasks: unknown task(s) mmlu; use piqa, boolq, hellaswag, winogrande, arc_easy, arc_challenge"),
+    (
+        ZeroShotEval,
+        {"tasks": ["mmlu"]},
+        "ZeroShotEval.tasks: unknown task(s) mmlu; use piqa, boolq, hellaswag, winogrande, arc_easy, arc_challenge",
+    ),
     (ZeroShotEval, {"limit": 0}, "ZeroShotEval.limit=0: must be at least 1"),
     (ZeroShotEval, {"batch_size": 0}, "ZeroShotEval.batch_size=0: must be at least 1"),
     (ZeroShotEval, {"max_length": 4}, "ZeroShotEval.max_length=4: must be at least 16"),
@@ -213,8 +256,9 @@ BAD_CALLBACK_ARGS = [
 ]
 
 
-@pytest.mark.parametrize("callback,init_args,expected", BAD_CALLBACK_ARGS,
-                         ids=[f"{c.__name__} {a}" for c, a, _ in BAD_CALLBACK_ARGS])
+@pytest.mark.parametrize(
+    "callback,init_args,expected", BAD_CALLBACK_ARGS, ids=[f"{c.__name__} {a}" for c, a, _ in BAD_CALLBACK_ARGS]
+)
 def test_bad_evaluation_setting(callback, init_args, expected):
     assert raised(lambda: callback(**init_args)) == expected
 
@@ -222,21 +266,25 @@ def test_bad_evaluation_setting(callback, init_args, expected):
 def test_evaluation_windows_must_fit_the_models_context():
     pruner = SimpleNamespace(context_length=lambda: 512)
     assert raised(lambda: PerplexityEval(seqlen=4096).setup(None, pruner, "fit")) == (
-        "PerplexityEval.seqlen=4096 is longer than the model's context (512); lower it")
+        "PerplexityEval.seqlen=4096 is longer than the model's context (512); lower it"
+    )
     PerplexityEval(seqlen=512).setup(None, pruner, "fit")
 
 
 def test_bad_trainer_strategy():
     assert raised(lambda: blockwise_strategy("fsdp")) == (
-        "trainer.strategy=fsdp: besa-pl runs on one device (auto) or with ddp; use --trainer.strategy ddp")
+        "trainer.strategy=fsdp: besa-pl runs on one device (auto) or with ddp; use --trainer.strategy ddp"
+    )
     from lightning.pytorch.strategies import DDPStrategy
 
     assert raised(lambda: blockwise_strategy(DDPStrategy())) == (
         "trainer.strategy=DDPStrategy: give the name ddp (or a besa_pl.loop.ddp.BlockwiseDDPStrategy), which prunes "
-        "data-parallel")
+        "data-parallel"
+    )
 
 
 # ---------------------------------------------------------------- the model
+
 
 def test_models_that_cannot_be_pruned(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -246,18 +294,28 @@ def test_models_that_cannot_be_pruned(tmp_path):
     missing = tmp_path / "no-such-model"
     assert raised(lambda: ModelSource(str(missing), PruneSettings())) == (
         f"model.pretrained={missing}: no such file or folder; give a hub id, a local HF folder, a .gguf file, or one "
-        "of demo, demo-gemma3")
-    config = AutoConfig.for_model("bert", vocab_size=512, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=64, is_decoder=True)
+        "of demo, demo-gemma3"
+    )
+    config = AutoConfig.for_model(
+        "bert",
+        vocab_size=512,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        is_decoder=True,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "bert")
     tiny_tokenizer(tmp_path / "bert")
     assert raised(lambda: ModelSource(str(tmp_path / "bert"), PruneSettings())) == (
         "model.pretrained: cannot find the decoder blocks of BertLMHeadModel (looked for model.layers, h, blocks); "
-        "use a decoder-only LLaMA-like family (Llama, Mistral, Qwen2, Gemma...)")
+        "use a decoder-only LLaMA-like family (Llama, Mistral, Qwen2, Gemma...)"
+    )
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"PK\x03\x04 not a gguf file")
     assert raised(lambda: ModelSource(str(fake), PruneSettings())) == (
-        f"model.pretrained={fake} is not a GGUF file (no GGUF magic bytes); give a valid .gguf")
+        f"model.pretrained={fake} is not a GGUF file (no GGUF magic bytes); give a valid .gguf"
+    )
 
 
 # ---------------------------------------------------------------- end to end: one command per family
@@ -274,38 +332,67 @@ COMMAND_LINE_CASES = [
     ("unknown setting", ["--nonsense", "1"], "unknown setting --nonsense; `besa-pl fit --help` lists the settings"),
     # a pruning setting, checked by PruneSettings; one that must fit the model's shapes
     ("model setting", ["--model.sparsity", "1.2"], "model.sparsity=1.2: must be strictly between 0 and 1 (e.g. 0.5)"),
-    ("model shapes", ["--model.structure", "3:7", "--model.method", "wanda"],
-     "model.structure=3:7: block 0 self_attn.q_proj has 64 input features, not a multiple of 7; pick another N:M"),
+    (
+        "model shapes",
+        ["--model.structure", "3:7", "--model.method", "wanda"],
+        "model.structure=3:7: block 0 self_attn.q_proj has 64 input features, not a multiple of 7; pick another N:M",
+    ),
     # a data setting, a nested one, and one that must fit the model's context
     ("data setting", ["--data.nsamples", "0"], "data.nsamples=0: must be at least 1"),
-    ("nested data setting", ["--data.generation.temperature", "[0, 1]"],
-     "data.generation.temperature=[0.0, 1.0]: both temperatures must be positive"),
-    ("data against the model", ["--data.seqlen", "1024"],
-     "data.seqlen=1024 is longer than the model's context (512 tokens); lower data.seqlen"),
-    ("unknown dataset", ["--data.dataset", "wikitext103"],
-     "data.dataset=wikitext103: not c4, wikitext2, ptb, self or an existing .txt/.jsonl file"),
+    (
+        "nested data setting",
+        ["--data.generation.temperature", "[0, 1]"],
+        "data.generation.temperature=[0.0, 1.0]: both temperatures must be positive",
+    ),
+    (
+        "data against the model",
+        ["--data.seqlen", "1024"],
+        "data.seqlen=1024 is longer than the model's context (512 tokens); lower data.seqlen",
+    ),
+    (
+        "unknown dataset",
+        ["--data.dataset", "wikitext103"],
+        "data.dataset=wikitext103: not c4, wikitext2, ptb, self or an existing .txt/.jsonl file",
+    ),
     # a trainer setting
-    ("trainer setting", ["--trainer.strategy", "fsdp"],
-     "trainer.strategy=fsdp: besa-pl runs on one device (auto) or with ddp; use --trainer.strategy ddp"),
+    (
+        "trainer setting",
+        ["--trainer.strategy", "fsdp"],
+        "trainer.strategy=fsdp: besa-pl runs on one device (auto) or with ddp; use --trainer.strategy ddp",
+    ),
 ]
 
 
-@pytest.mark.parametrize("extra,expected", [case[1:] for case in COMMAND_LINE_CASES],
-                         ids=[case[0] for case in COMMAND_LINE_CASES])
-def test_a_bad_setting_ends_the_command_with_its_one_line(extra, expected, tiny_model_dir, calibration_text, tmp_path,
-                                                          capsys):
+@pytest.mark.parametrize(
+    "extra,expected", [case[1:] for case in COMMAND_LINE_CASES], ids=[case[0] for case in COMMAND_LINE_CASES]
+)
+def test_a_bad_setting_ends_the_command_with_its_one_line(
+    extra, expected, tiny_model_dir, calibration_text, tmp_path, capsys
+):
     line = run_failing(fit_args(tiny_model_dir("llama"), calibration_text, tmp_path, *extra), capsys)
     assert line == f"error: {expected}"
     assert_nothing_finished(tmp_path)
 
 
-@pytest.mark.parametrize("name,init_args,expected", [
-    ("PerplexityEval", "{datasets: [wikitext103]}",
-     "PerplexityEval.datasets: unknown dataset 'wikitext103'; use wikitext2, c4, ptb, heldout, ptb-valid"),
-    ("PerplexityEval", "{seqlen: 4096}", "PerplexityEval.seqlen=4096 is longer than the model's context (512); lower it"),
-], ids=["when built", "against the model"])
-def test_a_bad_callback_setting_ends_the_command_with_its_one_line(name, init_args, expected, tiny_model_dir,
-                                                                   calibration_text, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "name,init_args,expected",
+    [
+        (
+            "PerplexityEval",
+            "{datasets: [wikitext103]}",
+            "PerplexityEval.datasets: unknown dataset 'wikitext103'; use wikitext2, c4, ptb, heldout, ptb-valid",
+        ),
+        (
+            "PerplexityEval",
+            "{seqlen: 4096}",
+            "PerplexityEval.seqlen=4096 is longer than the model's context (512); lower it",
+        ),
+    ],
+    ids=["when built", "against the model"],
+)
+def test_a_bad_callback_setting_ends_the_command_with_its_one_line(
+    name, init_args, expected, tiny_model_dir, calibration_text, tmp_path, capsys
+):
     args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path)
     line = run_failing(["fit", *callback_config(tmp_path, name, init_args), *args[1:]], capsys)
     assert line == f"error: {expected}"
@@ -315,12 +402,15 @@ def test_a_bad_callback_setting_ends_the_command_with_its_one_line(name, init_ar
 def test_a_model_path_that_does_not_exist_ends_the_command_with_its_one_line(calibration_text, tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     line = run_failing(fit_args(missing, calibration_text, tmp_path / "run"), capsys)
-    assert line == (f"error: model.pretrained={missing}: no such file or folder; give a hub id, a local HF folder, "
-                    "a .gguf file, or one of demo, demo-gemma3")
+    assert line == (
+        f"error: model.pretrained={missing}: no such file or folder; give a hub id, a local HF folder, "
+        "a .gguf file, or one of demo, demo-gemma3"
+    )
 
 
-def test_a_checkpoint_that_does_not_exist_ends_the_command_with_its_one_line(tiny_model_dir, calibration_text,
-                                                                             tmp_path, capsys):
+def test_a_checkpoint_that_does_not_exist_ends_the_command_with_its_one_line(
+    tiny_model_dir, calibration_text, tmp_path, capsys
+):
     missing = tmp_path / "nothere.ckpt"
     args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path / "run", "--ckpt_path", str(missing))
     line = run_failing(args, capsys)
@@ -333,8 +423,10 @@ def test_output_folder_with_a_finished_run_is_refused(tiny_model_dir, calibratio
     run_cli(args)
     before = (tmp_path / "sparsity.json").read_text()
     line = run_failing(args, capsys)
-    assert line == (f"error: trainer.default_root_dir={tmp_path} already holds a finished run; pass --overwrite true "
-                    "or choose another --trainer.default_root_dir")
+    assert line == (
+        f"error: trainer.default_root_dir={tmp_path} already holds a finished run; pass --overwrite true "
+        "or choose another --trainer.default_root_dir"
+    )
     assert (tmp_path / "sparsity.json").read_text() == before
     run_cli(args + ["--overwrite", "true"])
     assert (tmp_path / "sparsity.json").exists()

@@ -11,16 +11,30 @@ from .conftest import REPO, fit_args, run_cli
 
 
 def python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=str(REPO),
-                          env={**(env if env is not None else os.environ), "PYTHONPATH": str(REPO)})
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=str(REPO),
+        env={**(env if env is not None else os.environ), "PYTHONPATH": str(REPO)},
+    )
 
 
 @pytest.mark.parametrize("args", [["--help"], ["-h"], []], ids=["--help", "-h", "no arguments"])
 def test_help_describes_besa_pl_and_offers_fit_only_without_loading_torch(args):
-    code = ("import sys; from besa_pl.cli import main; main(sys.argv[1:]); "
-            "print([m for m in ('torch', 'lightning', 'transformers') if m in sys.modules])")
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False, cwd=str(REPO),
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        "import sys; from besa_pl.cli import main; main(sys.argv[1:]); "
+        "print([m for m in ('torch', 'lightning', 'transformers') if m in sys.modules])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=str(REPO),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert out.strip().endswith("[]")  # none of the heavy libraries was imported
@@ -35,9 +49,11 @@ def test_help_describes_besa_pl_and_offers_fit_only_without_loading_torch(args):
 
 
 def test_version_and_an_unknown_command_answer_without_loading_torch():
-    done = python("import sys\nfrom besa_pl.cli import main\nmain(['--version'])\n"
-                  "try:\n    main(['validate'])\nexcept SystemExit as stop:\n    print('exit', stop.code)\n"
-                  "print('torch' in sys.modules)")
+    done = python(
+        "import sys\nfrom besa_pl.cli import main\nmain(['--version'])\n"
+        "try:\n    main(['validate'])\nexcept SystemExit as stop:\n    print('exit', stop.code)\n"
+        "print('torch' in sys.modules)"
+    )
     from besa_pl import __version__
 
     assert done.stdout.splitlines() == [f"besa-pl {__version__}", "exit 2", "False"]
@@ -46,10 +62,13 @@ def test_version_and_an_unknown_command_answer_without_loading_torch():
 
 def test_importing_the_command_changes_no_environment_and_running_it_sets_mkl_dynamic():
     env = {k: v for k, v in os.environ.items() if k != "MKL_DYNAMIC"}
-    done = python("import os\nimport besa_pl.cli\nfrom besa_pl.models import memory\n"
-                  "print(os.environ.get('MKL_DYNAMIC'))\n"
-                  "try:\n    besa_pl.cli.main(['fit', '--help'])\nexcept SystemExit:\n    pass\n"
-                  "print(os.environ.get('MKL_DYNAMIC'))", env)
+    done = python(
+        "import os\nimport besa_pl.cli\nfrom besa_pl.models import memory\n"
+        "print(os.environ.get('MKL_DYNAMIC'))\n"
+        "try:\n    besa_pl.cli.main(['fit', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(os.environ.get('MKL_DYNAMIC'))",
+        env,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "None" and lines[-1] == "FALSE"
@@ -79,8 +98,9 @@ def failing_config(tmp_path) -> str:
     return str(path)
 
 
-def test_an_unexpected_error_is_one_line_and_its_traceback_needs_verbose(tiny_model_dir, calibration_text, tmp_path,
-                                                                        capsys):
+def test_an_unexpected_error_is_one_line_and_its_traceback_needs_verbose(
+    tiny_model_dir, calibration_text, tmp_path, capsys
+):
     args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path / "run", "--model.method", "magnitude")
     with pytest.raises(SystemExit) as stop:
         run_cli(["fit", "--config", failing_config(tmp_path), *args[1:]])

@@ -84,8 +84,17 @@ def test_hub_errors_for_unreachable_data_are_the_ones_caught():
     )
 
     caught = data_unreachable_errors()
-    for error in (DatasetNotFoundError, DataFilesNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
-                  OfflineModeIsEnabled, RepositoryNotFoundError, GatedRepoError, ConnectionError, TimeoutError):
+    for error in (
+        DatasetNotFoundError,
+        DataFilesNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        GatedRepoError,
+        ConnectionError,
+        TimeoutError,
+    ):
         assert issubclass(error, caught), error
     client = importlib.import_module(type(huggingface_hub.get_session()).__module__.split(".")[0])
     assert issubclass(client.TransportError, caught)  # raised unwrapped by the hub's HTTP client

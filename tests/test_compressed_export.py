@@ -95,8 +95,11 @@ def ids():
 
 
 def linear_weights(model):
-    return {name + ".weight": m.weight for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and ".layers." in name}
+    return {
+        name + ".weight": m.weight
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers." in name
+    }
 
 
 def one_line_error(excinfo, *words):
@@ -137,12 +140,17 @@ def test_4bit_sparse_float32_from_packed_folder_is_bit_equal(tiny_model_dir, tmp
     from transformers import AutoTokenizer
 
     text = "a b c"
-    assert AutoTokenizer.from_pretrained(result.folder)(text)["input_ids"] == AutoTokenizer.from_pretrained(dense)(text)["input_ids"]
+    assert (
+        AutoTokenizer.from_pretrained(result.folder)(text)["input_ids"]
+        == AutoTokenizer.from_pretrained(dense)(text)["input_ids"]
+    )
     if (tmp_path / "pruned" / "generation_config.json").exists():
         assert (result.folder / "generation_config.json").exists()
     assert result.bytes < folder_bytes(dense) and result.bytes < folder_bytes(tmp_path / "pruned")
-    print(f"\nsizes (float32): dense {folder_bytes(dense):,} B, pruned {folder_bytes(tmp_path / 'pruned'):,} B, "
-          f"packed {folder_bytes(tmp_path / 'packed'):,} B, compressed-tensors W4 g16 {result.bytes:,} B")
+    print(
+        f"\nsizes (float32): dense {folder_bytes(dense):,} B, pruned {folder_bytes(tmp_path / 'pruned'):,} B, "
+        f"packed {folder_bytes(tmp_path / 'packed'):,} B, compressed-tensors W4 g16 {result.bytes:,} B"
+    )
 
 
 @pytest.mark.parametrize("dtype,group_size", [("float16", None), ("bfloat16", 16)])
@@ -188,9 +196,11 @@ def test_4bit_sparse_half_precision_within_scale_rounding(tiny_model_dir, tmp_pa
 
     dense_bytes, pruned_bytes = folder_bytes(dense), folder_bytes(tmp_path / "pruned")
     assert result.bytes < pruned_bytes < dense_bytes
-    print(f"\nsizes ({dtype}, group {group_size}): dense float32 {dense_bytes:,} B, pruned {pruned_bytes:,} B, "
-          f"compressed-tensors W4 {result.bytes:,} B; logits max diff {difference.item():.3g} "
-          f"({difference.item() / reference.abs().max().item() / eps:.2f} eps of the largest logit)")
+    print(
+        f"\nsizes ({dtype}, group {group_size}): dense float32 {dense_bytes:,} B, pruned {pruned_bytes:,} B, "
+        f"compressed-tensors W4 {result.bytes:,} B; logits max diff {difference.item():.3g} "
+        f"({difference.item() / reference.abs().max().item() / eps:.2f} eps of the largest logit)"
+    )
 
 
 def test_sparse_only_is_refused_in_one_line(tiny_model_dir, tmp_path):
@@ -249,16 +259,30 @@ def test_packed_folder_parameters_round_trip(tiny_model_dir, tmp_path):
 
 
 def test_a_run_with_the_callback_leaves_a_compressed_folder_that_loads_with_the_pruned_logits(
-        tiny_model_dir, tmp_path, monkeypatch):
+    tiny_model_dir, tmp_path, monkeypatch
+):
     from transformers import AutoModelForCausalLM
 
     from .conftest import fit_args, run_cli
 
     monkeypatch.setenv("BESA_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "run"
-    run_cli([*fit_args(tiny_model_dir("llama"), "self", root, "--model.method", "wanda", "--model.quant.bits", "4",
-                       "--model.quant.group_size", "16"),
-             "--trainer.callbacks+=besa_pl.callbacks.CompressedTensorsExport"])
+    run_cli(
+        [
+            *fit_args(
+                tiny_model_dir("llama"),
+                "self",
+                root,
+                "--model.method",
+                "wanda",
+                "--model.quant.bits",
+                "4",
+                "--model.quant.group_size",
+                "16",
+            ),
+            "--trainer.callbacks+=besa_pl.callbacks.CompressedTensorsExport",
+        ]
+    )
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         pruned = AutoModelForCausalLM.from_pretrained(root / "pruned").eval()(ids, use_cache=False).logits
@@ -273,7 +297,11 @@ def test_the_callback_refuses_a_run_without_quantization_before_pruning(tiny_mod
 
     monkeypatch.setenv("BESA_CACHE", str(tmp_path / "cache"))
     with pytest.raises(SystemExit):
-        run_cli([*fit_args(tiny_model_dir("llama"), "self", tmp_path / "run", "--model.method", "wanda"),
-                 "--trainer.callbacks+=besa_pl.callbacks.CompressedTensorsExport"])
+        run_cli(
+            [
+                *fit_args(tiny_model_dir("llama"), "self", tmp_path / "run", "--model.method", "wanda"),
+                "--trainer.callbacks+=besa_pl.callbacks.CompressedTensorsExport",
+            ]
+        )
     assert "CompressedTensorsExport needs model.quant.bits" in capsys.readouterr().err
     assert not (tmp_path / "run" / "pruned").exists()

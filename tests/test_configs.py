@@ -92,8 +92,9 @@ def tiny_callbacks(callbacks: list[dict], data_dir) -> list[dict]:
 
 
 @pytest.mark.parametrize("files", CASES, ids=IDS)
-def test_a_fit_with_the_configs_settings_runs_on_a_tiny_model(files, tiny_model_dir, tiny_data_dir, tmp_path,
-                                                               monkeypatch):
+def test_a_fit_with_the_configs_settings_runs_on_a_tiny_model(
+    files, tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
+):
     monkeypatch.setenv("BESA_CACHE", str(tmp_path / "cache"))  # self-calibration text is cached there
     written = merged(*files)
     args = ["fit"] + [arg for file in files for arg in ("--config", str(REPO / file))]
@@ -103,11 +104,25 @@ def test_a_fit_with_the_configs_settings_runs_on_a_tiny_model(files, tiny_model_
         override.write_text(yaml.safe_dump({"trainer": {"callbacks": tiny_callbacks(callbacks, tiny_data_dir)}}))
         args += ["--config", str(override)]
     root = tmp_path / "run"
-    run_cli(args + [
-        "--model.pretrained", str(tiny_model_dir("llama")), "--data.data_dir", str(tiny_data_dir),
-        "--data.nsamples", "4", "--data.seqlen", "32", "--trainer.default_root_dir", str(root),
-        "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-    ])
+    run_cli(
+        args
+        + [
+            "--model.pretrained",
+            str(tiny_model_dir("llama")),
+            "--data.data_dir",
+            str(tiny_data_dir),
+            "--data.nsamples",
+            "4",
+            "--data.seqlen",
+            "32",
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     model = written.get("model", {})
     results = json.loads((root / "results.json").read_text())
     assert results["method"] == model.get("method", "besa")

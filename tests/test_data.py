@@ -44,8 +44,10 @@ def _contains(ids, window):
 
 
 def _sampler(restarting: bool, completed: int, batch_size: int):
-    loop = SimpleNamespace(restarting=restarting,
-                           epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(completed=completed))))
+    loop = SimpleNamespace(
+        restarting=restarting,
+        epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(completed=completed))),
+    )
     datamodule = SimpleNamespace(trainer=SimpleNamespace(fit_loop=loop))
     return ResumableSampler(10, datamodule, batch_size)
 

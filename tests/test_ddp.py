@@ -13,9 +13,28 @@ from .conftest import REPO, saved_weights
 
 def fit(model_dir, text, root, *extra, ranks=1, expect_failure=False):
     """`besa-pl fit` in a fresh process (Lightning's DDP launcher starts the other rank from it)."""
-    args = [sys.executable, "-m", "besa_pl.cli", "fit", "--model.pretrained", str(model_dir), "--data.dataset", str(text),
-            "--data.nsamples", "8", "--data.seqlen", "32", "--trainer.default_root_dir", str(root),
-            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+    args = [
+        sys.executable,
+        "-m",
+        "besa_pl.cli",
+        "fit",
+        "--model.pretrained",
+        str(model_dir),
+        "--data.dataset",
+        str(text),
+        "--data.nsamples",
+        "8",
+        "--data.seqlen",
+        "32",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger",
+        "false",
+    ]
     if ranks > 1:
         args += ["--trainer.devices", str(ranks), "--trainer.strategy", "ddp"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -59,8 +78,10 @@ def test_besa_on_two_ranks_matches_one_process_with_twice_the_micro_batch(tiny_m
 def test_resume_under_two_ranks_and_a_changed_rank_count_is_refused(tiny_model_dir, calibration_text, tmp_path):
     fit(tiny_model_dir("llama"), calibration_text, tmp_path / "straight", ranks=2)
     interrupt = tmp_path / "interrupt.yaml"
-    interrupt.write_text("trainer:\n  callbacks:\n    - class_path: tests.test_resume.InterruptAt\n"
-                         "      init_args: {block: 1, batch: 2}\n")
+    interrupt.write_text(
+        "trainer:\n  callbacks:\n    - class_path: tests.test_resume.InterruptAt\n"
+        "      init_args: {block: 1, batch: 2}\n"
+    )
     root = tmp_path / "resumed"
     fit(tiny_model_dir("llama"), calibration_text, root, "--config", str(interrupt), ranks=2, expect_failure=True)
     assert torch.load(root / "checkpoints" / "last-interrupted.ckpt", weights_only=False)["besa"]["block_index"] == 1
@@ -72,8 +93,9 @@ def test_resume_under_two_ranks_and_a_changed_rank_count_is_refused(tiny_model_d
 
 
 def test_an_error_on_the_ranks_ends_every_rank_with_one_line(tiny_model_dir, calibration_text, tmp_path):
-    done = fit(tiny_model_dir("llama"), calibration_text, tmp_path, "--data.nsamples", "7", ranks=2,
-               expect_failure=True)  # the subprocess timeout would fail the test on a hang
+    done = fit(
+        tiny_model_dir("llama"), calibration_text, tmp_path, "--data.nsamples", "7", ranks=2, expect_failure=True
+    )  # the subprocess timeout would fail the test on a hang
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert lines and all("data.nsamples=7 does not split over 2 ranks; use a multiple of 2" in line for line in lines)

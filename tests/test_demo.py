@@ -25,11 +25,27 @@ def demo_dir():
 
 @pytest.mark.integration
 def test_demo_fit_exports_a_folder_plain_transformers_loads(demo_dir, tmp_path):
-    run_cli([
-        "fit", "--model.pretrained", "demo", "--data.data_dir", str(DATA_DIR), "--data.nsamples", "2",
-        "--data.seqlen", "32", "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-    ])
+    run_cli(
+        [
+            "fit",
+            "--model.pretrained",
+            "demo",
+            "--data.data_dir",
+            str(DATA_DIR),
+            "--data.nsamples",
+            "2",
+            "--data.seqlen",
+            "32",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger",
+            "false",
+        ]
+    )
     report = json.loads((tmp_path / "sparsity.json").read_text())
     assert len(report["blocks"]) == 30
     assert report["overall"] == pytest.approx(0.5, abs=0.01)
@@ -81,11 +97,25 @@ def test_zero_shot_on_local_files_marks_hellaswag_skipped(demo_dir, tmp_path, ca
         "trainer:\n  callbacks:\n    - class_path: besa_pl.callbacks.ZeroShotEval\n"
         "      init_args: {tasks: [piqa, hellaswag, arc_easy], limit: 4, batch_size: 4}\n"
     )
-    run_cli([
-        "fit", "--config", str(config), "--model.pretrained", "demo", "--model.method", "dense",
-        "--data.data_dir", str(DATA_DIR), "--trainer.default_root_dir", str(tmp_path / "run"),
-        "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-    ])
+    run_cli(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--model.pretrained",
+            "demo",
+            "--model.method",
+            "dense",
+            "--data.data_dir",
+            str(DATA_DIR),
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger",
+            "false",
+        ]
+    )
     everything = json.loads((tmp_path / "run" / "results.json").read_text())
     # the software a result came from, to tell a code change from a library or thread-count change
     assert everything["environment"]["torch"] == torch.__version__

@@ -38,7 +38,8 @@ def test_settings_reference_is_current(reference):
     written = reference.OUTPUT.read_text(encoding="utf-8") if reference.OUTPUT.exists() else ""
     assert written == reference.render(), (
         "docs/settings.md is stale: the settings or their docstrings changed; "
-        f"regenerate it with `{reference.REGENERATE}` and commit the result")
+        f"regenerate it with `{reference.REGENERATE}` and commit the result"
+    )
 
 
 def test_settings_check_flags_a_stale_file(reference, tmp_path, monkeypatch, capsys):
@@ -59,8 +60,9 @@ def test_settings_reference_covers_every_setting(reference):
 
 def test_readme_is_short():
     lines = README.read_text(encoding="utf-8").count("\n")
-    assert lines <= README_MAX_LINES, (f"README.md has {lines} lines (at most {README_MAX_LINES}); "
-                                       "move detail to docs/ and link it")
+    assert lines <= README_MAX_LINES, (
+        f"README.md has {lines} lines (at most {README_MAX_LINES}); move detail to docs/ and link it"
+    )
 
 
 # ----------------------------------------------------------------------------- links
@@ -86,8 +88,9 @@ def anchors(path: Path) -> set[str]:
 
 def relative_links(path: Path) -> list[str]:
     text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.DOTALL)
-    return [target for target in LINK.findall(text)
-            if not re.match(r"[a-z][a-z0-9+.-]*:", target)]  # http:, https:, mailto: ...
+    return [
+        target for target in LINK.findall(text) if not re.match(r"[a-z][a-z0-9+.-]*:", target)
+    ]  # http:, https:, mailto: ...
 
 
 @pytest.mark.parametrize("path", [README, *DOCS], ids=lambda p: str(p.relative_to(REPO)))
@@ -112,8 +115,11 @@ def setting_names() -> set[str]:
     from besa_pl.quant.quantizer import QuantConfig
     from besa_pl.settings import PruneSettings
 
-    names = {f"model.{name}" for name in inspect.signature(BESAPruner.__init__).parameters
-             if name not in ("self", "settings")}
+    names = {
+        f"model.{name}"
+        for name in inspect.signature(BESAPruner.__init__).parameters
+        if name not in ("self", "settings")
+    }
     names |= {f"model.{field.name}" for field in dataclasses.fields(PruneSettings)}
     names |= {f"model.quant.{field.name}" for field in dataclasses.fields(QuantConfig)}
     names |= {f"data.{name}" for name in inspect.signature(CalibrationDataModule.__init__).parameters if name != "self"}
@@ -124,16 +130,19 @@ def setting_names() -> set[str]:
 FLAG = re.compile(r"--((?:model|data)\.[A-Za-z_][\w.]*)")
 
 
-@pytest.mark.parametrize("path", [README, *(p for p in DOCS if p.name != "settings.md")],
-                         ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize(
+    "path", [README, *(p for p in DOCS if p.name != "settings.md")], ids=lambda p: str(p.relative_to(REPO))
+)
 def test_flags_named_in_the_docs_exist(path):
     known = setting_names()
     named = {match.rstrip(".") for match in FLAG.findall(path.read_text(encoding="utf-8"))}
     wildcards = {name.removesuffix(".*") for name in named if name.endswith(".*")}
-    unknown = sorted(name for name in named - wildcards
-                     if name not in known and not any(k.startswith(name + ".") for k in known))
-    assert not unknown, (f"{path.relative_to(REPO)} names settings that do not exist (renamed?): "
-                         + ", ".join(f"--{name}" for name in unknown))
+    unknown = sorted(
+        name for name in named - wildcards if name not in known and not any(k.startswith(name + ".") for k in known)
+    )
+    assert not unknown, f"{path.relative_to(REPO)} names settings that do not exist (renamed?): " + ", ".join(
+        f"--{name}" for name in unknown
+    )
 
 
 # ----------------------------------------------------------------------------- data folder
@@ -146,21 +155,52 @@ def test_data_folder_script_writes_what_besa_pl_reads(tmp_path):
     make = load_script("make_data_folder")
     folder = tmp_path / "data"
     written = []
-    written += make.write_wikitext2(folder, {"test": ["", " = Title = \n", "", " Some text . \n"],
-                                             "validation": ["", " valid line \n"], "train": [" train line \n"]})
-    written += make.write_ptb(folder, {"test": ["no it was n't black monday", "second"],
-                                       "validation": ["valid sentence"], "train": ["train sentence"]})
+    written += make.write_wikitext2(
+        folder,
+        {
+            "test": ["", " = Title = \n", "", " Some text . \n"],
+            "validation": ["", " valid line \n"],
+            "train": [" train line \n"],
+        },
+    )
+    written += make.write_ptb(
+        folder,
+        {
+            "test": ["no it was n't black monday", "second"],
+            "validation": ["valid sentence"],
+            "train": ["train sentence"],
+        },
+    )
     document = {"text": "a document", "timestamp": "2019-04-25 12:57:54", "url": "https://example.org/a"}
     written += make.write_c4(folder, [document, {**document, "text": "another"}], [document])
     written += make.write_piqa(folder, [{"goal": "g", "sol1": "a", "sol2": "b", "label": 1}])
-    written += make.write_boolq(folder, [{"question": "q", "passage": "t -- p", "idx": 0, "label": 1},
-                                         {"question": "q2", "passage": "t -- p2", "idx": 1, "label": 0}])
+    written += make.write_boolq(
+        folder,
+        [
+            {"question": "q", "passage": "t -- p", "idx": 0, "label": 1},
+            {"question": "q2", "passage": "t -- p2", "idx": 1, "label": 0},
+        ],
+    )
     written += make.write_winogrande(folder, [{"sentence": "A _ b.", "option1": "x", "option2": "y", "answer": "2"}])
     arc_row = {"id": "Q1", "question": "?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "B"}
     written += make.write_arc(folder, {"ARC-Easy": [arc_row], "ARC-Challenge": [arc_row]})
-    written += make.write_hellaswag(folder, [{"ind": 4, "activity_label": "x", "ctx_a": "a", "ctx_b": "b", "ctx": "a b",
-                                              "endings": ["1", "2", "3", "4"], "source_id": "s", "split": "val",
-                                              "split_type": "indomain", "label": "3"}])
+    written += make.write_hellaswag(
+        folder,
+        [
+            {
+                "ind": 4,
+                "activity_label": "x",
+                "ctx_a": "a",
+                "ctx_b": "b",
+                "ctx": "a b",
+                "endings": ["1", "2", "3", "4"],
+                "source_id": "s",
+                "split": "val",
+                "split_type": "indomain",
+                "label": "3",
+            }
+        ],
+    )
 
     declared = {path for _, files in make.DATASETS.values() for path in files}
     assert set(written) == declared

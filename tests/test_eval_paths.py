@@ -23,8 +23,10 @@ from .conftest import fit_args, run_cli, saved_weights
 def perplexity_config(tmp_path, datasets, data_dir, **extra) -> list[str]:
     init_args = {"datasets": datasets, "seqlen": 64, "max_windows": 4, "data_dir": str(data_dir), **extra}
     path = tmp_path / "perplexity.yaml"
-    path.write_text("trainer:\n  callbacks:\n    - class_path: besa_pl.callbacks.PerplexityEval\n"
-                    f"      init_args: {json.dumps(init_args)}\n")
+    path.write_text(
+        "trainer:\n  callbacks:\n    - class_path: besa_pl.callbacks.PerplexityEval\n"
+        f"      init_args: {json.dumps(init_args)}\n"
+    )
     return ["--config", str(path)]
 
 
@@ -34,6 +36,7 @@ def _contains(ids: torch.Tensor, window: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------- heldout: C4 train documents not drawn
+
 
 def test_heldout_is_the_c4_train_documents_calibration_did_not_draw(tiny_model_dir, tiny_data_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
@@ -63,12 +66,23 @@ def test_heldout_needs_c4_calibration():
     data = CalibrationDataModule(dataset="self", nsamples=4, seqlen=32)
     with pytest.raises(BesaError) as error:
         evaluation_text("heldout", None, data, None)
-    assert str(error.value) == "PerplexityEval.datasets: heldout needs data.dataset c4 (documents to hold out), not self"
+    assert (
+        str(error.value) == "PerplexityEval.datasets: heldout needs data.dataset c4 (documents to hold out), not self"
+    )
 
 
 def test_a_fit_scores_heldout_without_the_documents_it_calibrated_on(tiny_model_dir, tiny_data_dir, tmp_path):
-    args = fit_args(tiny_model_dir("llama"), "c4", tmp_path / "run", "--model.method", "wanda",
-                    "--data.data_dir", str(tiny_data_dir), "--data.nsamples", "8")
+    args = fit_args(
+        tiny_model_dir("llama"),
+        "c4",
+        tmp_path / "run",
+        "--model.method",
+        "wanda",
+        "--data.data_dir",
+        str(tiny_data_dir),
+        "--data.nsamples",
+        "8",
+    )
     run_cli(["fit", *perplexity_config(tmp_path, ["heldout", "c4"], tiny_data_dir, max_windows=None), *args[1:]])
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     details = results["perplexity_details"]["heldout"]
@@ -85,21 +99,25 @@ def test_a_fit_scores_heldout_without_the_documents_it_calibrated_on(tiny_model_
     assert results["perplexity"]["heldout"] != results["perplexity"]["c4"]  # another text than C4 validation
 
 
-def test_heldout_after_self_calibration_is_reported_skipped_with_the_reason(tiny_model_dir, tiny_data_dir, tmp_path,
-                                                                            monkeypatch):
+def test_heldout_after_self_calibration_is_reported_skipped_with_the_reason(
+    tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
+):
     monkeypatch.setenv("BESA_CACHE", str(tmp_path / "cache"))
     args = fit_args(tiny_model_dir("llama"), "self", tmp_path / "run", "--model.method", "magnitude")
     run_cli(["fit", *perplexity_config(tmp_path, ["heldout", "wikitext2"], tiny_data_dir), *args[1:]])
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["perplexity_skipped"] == {
-        "heldout": "PerplexityEval.datasets: heldout needs data.dataset c4 (documents to hold out), not self"}
+        "heldout": "PerplexityEval.datasets: heldout needs data.dataset c4 (documents to hold out), not self"
+    }
     assert set(results["perplexity"]) == {"wikitext2"}  # the pruning and the other evaluation stand
 
 
 # ---------------------------------------------------------------- bf16 compute
 
-def test_bf16_compute_on_the_cpu_reaches_exact_counts_with_finite_outputs(tiny_model_dir, calibration_text,
-                                                                          tiny_data_dir, tmp_path):
+
+def test_bf16_compute_on_the_cpu_reaches_exact_counts_with_finite_outputs(
+    tiny_model_dir, calibration_text, tiny_data_dir, tmp_path
+):
     args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path / "run", "--model.dtype", "bfloat16")
     run_cli(["fit", *perplexity_config(tmp_path, ["wikitext2"], tiny_data_dir), *args[1:]])
     weights = saved_weights(tmp_path / "run" / "pruned")
@@ -121,6 +139,7 @@ def test_bf16_compute_on_the_cpu_reaches_exact_counts_with_finite_outputs(tiny_m
 
 # ---------------------------------------------------------------- a model that does not fit: streaming, offloading
 
+
 @pytest.fixture(scope="module")
 def pruned_run(tiny_model_dir, calibration_text, tiny_data_dir, tmp_path_factory):
     """A Wanda fit whose pruned model is evaluated whole (it fits): the reference perplexities."""
@@ -135,14 +154,16 @@ def no_memory(monkeypatch):
     monkeypatch.setattr("besa_pl.models.source.available_bytes", lambda device: 1)
 
 
-def test_a_model_that_does_not_fit_is_evaluated_block_by_block_to_the_same_perplexity(pruned_run, tiny_data_dir,
-                                                                                       tmp_path, monkeypatch):
+def test_a_model_that_does_not_fit_is_evaluated_block_by_block_to_the_same_perplexity(
+    pruned_run, tiny_data_dir, tmp_path, monkeypatch
+):
     reference = json.loads((pruned_run / "results.json").read_text())
     no_memory(monkeypatch)
     streamed = []
     original = perplexity_module.streamed_perplexity
-    monkeypatch.setattr(perplexity_module, "streamed_perplexity",
-                        lambda *a, **k: streamed.append(a[1]) or original(*a, **k))
+    monkeypatch.setattr(
+        perplexity_module, "streamed_perplexity", lambda *a, **k: streamed.append(a[1]) or original(*a, **k)
+    )
     whole = []
     monkeypatch.setattr(perplexity_module, "perplexity", lambda *a, **k: whole.append(1))
     # Evaluate the pruned folder as it stands (method dense: no pruning, only the fit-end evaluations).
@@ -155,12 +176,15 @@ def test_a_model_that_does_not_fit_is_evaluated_block_by_block_to_the_same_perpl
         assert results["perplexity"][name] == pytest.approx(reference["perplexity"][name], rel=1e-5)
         assert results["perplexity_details"][name]["windows"] == reference["perplexity_details"][name]["windows"]
         assert results["perplexity_details"][name]["window_loss"] == pytest.approx(
-            reference["perplexity_details"][name]["window_loss"], rel=1e-5)
+            reference["perplexity_details"][name]["window_loss"], rel=1e-5
+        )
 
 
 def test_an_offloaded_evaluation_model_gives_the_logits_of_the_whole_model(pruned_run, monkeypatch):
     folder = pruned_run / "pruned"
-    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), default_root_dir=str(pruned_run))
+    trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device("cpu")), default_root_dir=str(pruned_run)
+    )
     tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(3))
     source = ModelSource(str(folder), PruneSettings(method="dense"))
     whole, device = source.evaluation_model(trainer)

@@ -36,8 +36,12 @@ def test_fit_ends_at_the_target_sparsity_and_exports(family, tiny_model_dir, cal
     report = json.loads((tmp_path / "sparsity.json").read_text())
     assert report["overall"] == pytest.approx(0.5, abs=1e-3)
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
-    zeros = sum(int((m.weight == 0).sum()) for b in decoder_blocks(pruned) for m in b.modules()
-                if isinstance(m, torch.nn.Linear))
+    zeros = sum(
+        int((m.weight == 0).sum())
+        for b in decoder_blocks(pruned)
+        for m in b.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
     total = sum(m.weight.numel() for b in decoder_blocks(pruned) for m in b.modules() if isinstance(m, torch.nn.Linear))
     assert zeros / total == pytest.approx(report["overall"], abs=1e-9)
     assert set(report["blocks"]) == {"0", "1", "2"}

@@ -108,9 +108,14 @@ def not_safetensors(folder: Path) -> str:
     return "is not a safetensors file"
 
 
-DAMAGE = {"truncated": truncate, "cut inside the header": cut_inside_header, "empty": empty,
-          "corrupt header": corrupt_header, "offsets disagree with the shape": wrong_offsets,
-          "not safetensors": not_safetensors}
+DAMAGE = {
+    "truncated": truncate,
+    "cut inside the header": cut_inside_header,
+    "empty": empty,
+    "corrupt header": corrupt_header,
+    "offsets disagree with the shape": wrong_offsets,
+    "not safetensors": not_safetensors,
+}
 
 
 @pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
@@ -216,14 +221,17 @@ def test_activations_that_cannot_fit_in_any_ram_are_refused_at_once(tiny_model_d
     args[args.index("--data.seqlen") + 1] = "512"
     line = failing_line(args, capsys)
     need = activation_bytes(10**7, 512, 64, "float32", False)
-    assert line.startswith("error: data.nsamples=10000000 x data.seqlen=512: the calibration activations need "
-                           f"{need / 1e9:.1f} GB of RAM (2 x 10000000 x 512 x hidden 64 x 4 bytes) but ")
+    assert line.startswith(
+        "error: data.nsamples=10000000 x data.seqlen=512: the calibration activations need "
+        f"{need / 1e9:.1f} GB of RAM (2 x 10000000 x 512 x hidden 64 x 4 bytes) but "
+    )
     assert "GB is available; lower data.nsamples or data.seqlen" in line and "--model.activation_dtype bfloat16" in line
     assert_nothing_finished(root)
 
 
-def test_the_activation_check_counts_the_dtype_and_the_dense_trajectory(tiny_model_dir, calibration_text, tmp_path,
-                                                                       capsys, monkeypatch):
+def test_the_activation_check_counts_the_dtype_and_the_dense_trajectory(
+    tiny_model_dir, calibration_text, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setattr("besa_pl.preflight.available_ram_bytes", lambda: 10_000)
     root = tmp_path / "run"
     extra = ("--model.activation_dtype", "bfloat16", "--model.target_mode", "dense_trajectory")
@@ -292,12 +300,20 @@ def test_a_kill_leaves_nothing_finished_looking(point, tiny_model_dir, calibrati
     args = fit_args(tiny_model_dir("llama"), calibration_text, root)
     if KILL_POINTS[point] is None:
         config = tmp_path / "kill.yaml"
-        config.write_text("trainer:\n  callbacks:\n    - class_path: tests.test_faults.KillAt\n"
-                          "      init_args: {block: 1, batch: 2}\n")
+        config.write_text(
+            "trainer:\n  callbacks:\n    - class_path: tests.test_faults.KillAt\n"
+            "      init_args: {block: 1, batch: 2}\n"
+        )
         args = ["fit", "--config", str(config), *args[1:]]
     code = KILL + (KILL_POINTS[point] or "") + "import sys\nfrom besa_pl.cli import main\nmain(sys.argv[1:])\n"
-    killed = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False, cwd=str(REPO),
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    killed = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=str(REPO),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert_nothing_finished(root)
     checkpoints = root / "checkpoints"

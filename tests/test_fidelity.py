@@ -80,8 +80,13 @@ def test_kl_is_the_dense_models_expectation_of_the_log_ratio():
 def test_the_seed_of_self_calibration_is_refused(tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("BESA_CACHE", str(tmp_path / "cache"))
     with pytest.raises(SystemExit):
-        run_cli([*fit_args(tiny_model_dir("llama"), "self", tmp_path / "run", "--model.method", "magnitude"),
-                 "--trainer.callbacks+=besa_pl.callbacks.FidelityEval", "--trainer.callbacks.seed=0"])
+        run_cli(
+            [
+                *fit_args(tiny_model_dir("llama"), "self", tmp_path / "run", "--model.method", "magnitude"),
+                "--trainer.callbacks+=besa_pl.callbacks.FidelityEval",
+                "--trainer.callbacks.seed=0",
+            ]
+        )
     assert "FidelityEval.seed=0 is the calibration's data.seed" in capsys.readouterr().err
     assert not (tmp_path / "run" / "pruned").exists()
 
@@ -91,15 +96,25 @@ def test_a_run_reports_fidelity_with_no_data_folder_and_no_hub(tiny_model_dir, t
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("BESA_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "run"
-    run_cli([*fit_args(tiny_model_dir("llama"), "self", root, "--model.method", "magnitude"),
-             "--trainer.callbacks+=besa_pl.callbacks.FidelityEval", "--trainer.callbacks.nsamples=2",
-             "--trainer.callbacks.seqlen=16"])
+    run_cli(
+        [
+            *fit_args(tiny_model_dir("llama"), "self", root, "--model.method", "magnitude"),
+            "--trainer.callbacks+=besa_pl.callbacks.FidelityEval",
+            "--trainer.callbacks.nsamples=2",
+            "--trainer.callbacks.seqlen=16",
+        ]
+    )
     found = json.loads((root / "results.json").read_text())["fidelity"]
     assert found["kl"] > 0 and 0 <= found["top1_agreement"] <= 1
     assert found["texts"] == 2 and found["seqlen"] == 16 and found["positions"] == 2 * 15
     # Redirected output (not a terminal) gets one line per stage, so a log is never silent for minutes.
     err = capsys.readouterr().err
-    for line in ("calibration text: the model writes 4 samples of 32 tokens", "calibration text: 4/4 samples",
-                 "capture: what block 0 receives for 4 samples of 32 tokens", "fidelity text: 2/2 samples",
-                 "evaluation: fidelity to the dense model on 2 texts of 16 tokens", "fidelity to the dense model"):
+    for line in (
+        "calibration text: the model writes 4 samples of 32 tokens",
+        "calibration text: 4/4 samples",
+        "capture: what block 0 receives for 4 samples of 32 tokens",
+        "fidelity text: 2/2 samples",
+        "evaluation: fidelity to the dense model on 2 texts of 16 tokens",
+        "fidelity to the dense model",
+    ):
         assert line in err, line

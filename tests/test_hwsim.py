@@ -84,8 +84,9 @@ def test_no_dependence_on_column_ids_in_wide_matrices():
 def test_n_m_masks_keep_exactly_n_of_every_m(method, structure, tiny_model_dir, calibration_text, tmp_path):
     config = tmp_path / "hw.yaml"
     config.write_text("trainer:\n  callbacks:\n    - class_path: besa_pl.callbacks.HardwareSimulation\n")
-    args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path, "--model.method", method,
-                    "--model.structure", structure)
+    args = fit_args(
+        tiny_model_dir("llama"), calibration_text, tmp_path, "--model.method", method, "--model.structure", structure
+    )
     run_cli(["fit", "--config", str(config), *args[1:]])
     n, m = map(int, structure.split(":"))
     weights = saved_weights(tmp_path / "pruned")

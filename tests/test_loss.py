@@ -27,7 +27,8 @@ def test_rescaling_a_channel_leaves_the_loss_unchanged():
     output, target = _outputs()
     scale = torch.tensor([1.0, 100.0, 1.0, 0.01, 1.0])
     assert float(reconstruction_loss(output * scale, target * scale)) == pytest.approx(
-        float(reconstruction_loss(output, target)), rel=1e-5)
+        float(reconstruction_loss(output, target)), rel=1e-5
+    )
 
 
 def test_shared_norms_make_the_loss_add_up_over_parts_of_a_micro_batch():
@@ -55,4 +56,5 @@ def test_penalty_forms():
     assert float(sparsity_penalty(expected, 0.5, 5.0, "absolute")) == pytest.approx(5.0 * 0.05**2)
     # at a 50% target, the code's relative form with weight 5 is the paper's absolute form with weight 20
     assert float(sparsity_penalty(expected, 0.5, 5.0, "relative")) == pytest.approx(
-        float(sparsity_penalty(expected, 0.5, 20.0, "absolute")))
+        float(sparsity_penalty(expected, 0.5, 20.0, "absolute"))
+    )

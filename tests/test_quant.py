@@ -76,8 +76,17 @@ def test_apply_params_is_idempotent():
 
 @pytest.mark.parametrize("method", ["besa", "wanda"])
 def test_joint_fit_exports_packed_that_restores_exactly(method, tiny_model_dir, calibration_text, tmp_path):
-    args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path, "--model.method", method,
-                    "--model.quant.bits", "4", "--model.quant.group_size", "16")
+    args = fit_args(
+        tiny_model_dir("llama"),
+        calibration_text,
+        tmp_path,
+        "--model.method",
+        method,
+        "--model.quant.bits",
+        "4",
+        "--model.quant.group_size",
+        "16",
+    )
     run_cli(args)
     report = json.loads((tmp_path / "sparsity.json").read_text())
     assert report["overall"] == pytest.approx(0.5, abs=0.02)

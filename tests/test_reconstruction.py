@@ -137,7 +137,9 @@ def test_swaps_keep_every_rows_count_and_lower_the_error_of_the_exact_solve():
     h = gram(x)
     h[:, 5] = h[5, :] = 0  # an input that is never active: its weights take no part in swaps
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(13))
-    swept, keep, _ = obs_sweep(weight, h, select=RowBudgetSelect(torch.rand(16, 64, generator=torch.Generator().manual_seed(14)) > 0.5))
+    swept, keep, _ = obs_sweep(
+        weight, h, select=RowBudgetSelect(torch.rand(16, 64, generator=torch.Generator().manual_seed(14)) > 0.5)
+    )
     solved = masked_least_squares(swept, weight, h, keep, iterations=200)
     refined, new_keep = swap_refine(solved, weight, h, keep, rounds=10)
     assert torch.equal(new_keep.sum(dim=1), keep.sum(dim=1))  # each row's count, so the exact sparsity
@@ -162,18 +164,27 @@ def tiny_block(tiny_model_dir):
 def test_true_sequential_groups_follow_the_blocks_call_order(tiny_block):
     block, inputs, kwargs = tiny_block
     assert sequential_groups(block, inputs[:1], kwargs) == [
-        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
 
 
 def under_masks(reference: str, exact: bool, swaps: int, percdamp: float = 0.01) -> PruneSettings:
     """The reconstruction under given masks (`--model.reconstruct obs`), with these settings."""
-    return PruneSettings(reconstruct="obs", reconstruct_reference=reference, reconstruct_solve="exact" if exact else "sweep",
-                         reconstruct_swaps=swaps, percdamp=percdamp)
+    return PruneSettings(
+        reconstruct="obs",
+        reconstruct_reference=reference,
+        reconstruct_solve="exact" if exact else "sweep",
+        reconstruct_swaps=swaps,
+        percdamp=percdamp,
+    )
 
 
-@pytest.mark.parametrize("reference, exact, swaps", [("layer", False, 0), ("target", False, 0), ("layer", True, 0),
-                                                     ("layer", True, 10)])
+@pytest.mark.parametrize(
+    "reference, exact, swaps", [("layer", False, 0), ("target", False, 0), ("layer", True, 0), ("layer", True, 10)]
+)
 def test_block_reconstruction_lowers_the_block_output_error(reference, exact, swaps, tiny_block):
     block, inputs, kwargs = tiny_block
     linears = prunable_linears(block)
@@ -210,9 +221,13 @@ def test_heavier_damping_keeps_the_kept_weights_closer_to_their_dense_values(tin
     try:
         for percdamp in (0.01, 1.0, 1e4):
             final = dict(masks)
-            reconstruct_block(block, dense, final, inputs, None, kwargs, "cpu", under_masks("layer", True, 10, percdamp))
-            moved[percdamp] = sum(float((linear.weight - dense[name] * final[name]).norm() / dense[name].norm())
-                                  for name, linear in linears.items())
+            reconstruct_block(
+                block, dense, final, inputs, None, kwargs, "cpu", under_masks("layer", True, 10, percdamp)
+            )
+            moved[percdamp] = sum(
+                float((linear.weight - dense[name] * final[name]).norm() / dense[name].norm())
+                for name, linear in linears.items()
+            )
     finally:
         with torch.no_grad():
             for name, linear in linears.items():
@@ -231,8 +246,9 @@ def test_exact_solve_with_joint_quantization_puts_every_kept_weight_on_its_grid(
     grids = {name: QuantGrid(4, None) for name in linears}
     try:
         final = dict(masks)
-        qparams = reconstruct_block(block, dense, final, inputs, None, kwargs, "cpu", under_masks("layer", True, swaps),
-                                    grids)
+        qparams = reconstruct_block(
+            block, dense, final, inputs, None, kwargs, "cpu", under_masks("layer", True, swaps), grids
+        )
         for name, linear in linears.items():
             weight = linear.weight.detach()
             assert torch.all(weight[~final[name]] == 0)

@@ -72,8 +72,13 @@ def _interrupted_then_resumed(tiny_model_dir, calibration_text, tmp_path, capsys
 @pytest.mark.parametrize(
     "block,batch,crash",
     [(0, None, False), (1, None, True), (1, 2, False), (2, 0, False), (0, 3, True)],
-    ids=["ctrl-c after block 0", "crash after block 1", "ctrl-c inside block 1", "ctrl-c at start of block 2",
-         "crash inside block 0"],
+    ids=[
+        "ctrl-c after block 0",
+        "crash after block 1",
+        "ctrl-c inside block 1",
+        "ctrl-c at start of block 2",
+        "crash inside block 0",
+    ],
 )
 def test_resume_gives_the_same_masks_as_an_uninterrupted_run(
     block, batch, crash, reference, tiny_model_dir, calibration_text, tmp_path, capsys
@@ -106,7 +111,9 @@ def test_checkpoint_holds_no_base_weights(tiny_model_dir, calibration_text, tmp_
     assert state["block_logs"][0]["shard"] == "model-00001-of-00004.safetensors"
     assert state["model_fingerprint"] and state["settings"]["model.sparsity"] == 0.5
     # Only the current block's logits and their optimizer state: a small fraction of one block.
-    block = sum(t.numel() * t.element_size() for n, t in saved_weights(tiny_model_dir("llama")).items() if "layers.1." in n)
+    block = sum(
+        t.numel() * t.element_size() for n, t in saved_weights(tiny_model_dir("llama")).items() if "layers.1." in n
+    )
     logits = _tensor_bytes(state["block_state"]["trainable"])
     assert 0 < logits and _tensor_bytes(checkpoint) <= 5 * logits < 50 * block
 
@@ -123,7 +130,8 @@ def test_resume_with_a_changed_setting_names_it(tiny_model_dir, calibration_text
 
 
 def test_a_checkpoint_from_before_the_damping_setting_resumes_with_the_damping_it_ran(
-        tiny_model_dir, calibration_text, tmp_path, capsys):
+    tiny_model_dir, calibration_text, tmp_path, capsys
+):
     args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path)
     earlier = args + ["--model.percdamp", "0.01"]  # the earlier version ran every sweep and solve at 0.01
     with pytest.raises(SystemExit):
@@ -204,15 +212,21 @@ def test_sigterm_saves_where_the_run_stands(reference, tiny_model_dir, calibrati
     assert all(torch.equal(resumed[name], tensor) for name, tensor in reference.items())
 
 
-def test_after_sigkill_the_last_finished_block_checkpoint_is_intact(reference, tiny_model_dir, calibration_text, tmp_path):
+def test_after_sigkill_the_last_finished_block_checkpoint_is_intact(
+    reference, tiny_model_dir, calibration_text, tmp_path
+):
     import os
     import subprocess
     import sys
 
     args = fit_args(tiny_model_dir("llama"), calibration_text, tmp_path)
     code = "import sys; from besa_pl.cli import main; main(sys.argv[1:])"
-    killed = subprocess.run([sys.executable, "-c", code, "fit", "--config", signal_config(tmp_path, "SIGKILL"), *args[1:]],
-                            capture_output=True, cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
+    killed = subprocess.run(
+        [sys.executable, "-c", code, "fit", "--config", signal_config(tmp_path, "SIGKILL"), *args[1:]],
+        capture_output=True,
+        cwd=str(REPO),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert killed.returncode == -9
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]  # no temporary left
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["besa"]

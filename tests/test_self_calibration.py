@@ -69,8 +69,9 @@ def test_the_perplexity_filter_keeps_the_most_likely_samples(tiny_model_dir, cac
     assert len(kept) == 5 and max(ppl[kept]) <= min(ppl[[i for i in range(10) if i not in kept]])
 
 
-def test_a_run_with_no_data_prunes_and_reports_the_evaluations_it_could_not_run(tiny_model_dir, cache, tmp_path,
-                                                                                   monkeypatch):
+def test_a_run_with_no_data_prunes_and_reports_the_evaluations_it_could_not_run(
+    tiny_model_dir, cache, tmp_path, monkeypatch
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub, and the data folder below is empty
     monkeypatch.delenv("BESA_DATA_DIR", raising=False)
     (tmp_path / "empty").mkdir()
@@ -84,11 +85,16 @@ def test_a_run_with_no_data_prunes_and_reports_the_evaluations_it_could_not_run(
     run_cli(["fit", "--config", str(config), *args[1:]])  # returns normally: exit code 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["realised_sparsity"] == pytest.approx(0.5, abs=1e-3)
-    assert "wikitext2" in results["perplexity_skipped"] and "no wikitext2 test split" in results["perplexity_skipped"]["wikitext2"]
+    assert (
+        "wikitext2" in results["perplexity_skipped"]
+        and "no wikitext2 test split" in results["perplexity_skipped"]["wikitext2"]
+    )
     assert "piqa" in results["zero_shot"]["skipped"]
 
 
-def test_an_unreachable_calibration_source_stops_before_any_pruning(tiny_model_dir, cache, tmp_path, monkeypatch, capsys):
+def test_an_unreachable_calibration_source_stops_before_any_pruning(
+    tiny_model_dir, cache, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("BESA_DATA_DIR", raising=False)
     with pytest.raises(SystemExit) as stop:

@@ -43,8 +43,9 @@ def default_weights(tiny_model_dir, calibration_text, tmp_path_factory):
 
 
 @pytest.mark.parametrize("extra", ADVERTISED, ids=[" ".join(e) for e in ADVERTISED])
-def test_setting_fits_to_the_target_and_changes_the_result(extra, default_weights, tiny_model_dir, calibration_text,
-                                                            tmp_path):
+def test_setting_fits_to_the_target_and_changes_the_result(
+    extra, default_weights, tiny_model_dir, calibration_text, tmp_path
+):
     run_cli(fit_args(tiny_model_dir("llama"), calibration_text, tmp_path, *LEARNING, *extra))
     report = json.loads((tmp_path / "sparsity.json").read_text())
     assert report["overall"] == pytest.approx(0.5, abs=1e-3)
@@ -60,7 +61,9 @@ def test_results_name_the_variant_and_a_damping_other_than_the_methods_own():
     from besa_pl.settings import PruneSettings
 
     default = PruneSettings().variant()
-    assert default.startswith("BESA + SparseGPT's sweep") and "10 rounds of swaps" in default and "percdamp" not in default
+    assert (
+        default.startswith("BESA + SparseGPT's sweep") and "10 rounds of swaps" in default and "percdamp" not in default
+    )
     assert PruneSettings(percdamp=0.01).variant() == default + ", percdamp 0.01"
     assert PruneSettings(method="sparsegpt", percdamp=0.1).variant() == "SparseGPT, percdamp 0.1"
     assert PruneSettings(method="wanda", percdamp=0.1).variant() == "Wanda"  # no OBS step: the damping plays no part

@@ -41,11 +41,17 @@ class BESABlock(L.LightningModule):
         for name, linear in self.linears.items():
             device = linear.weight.device
             if self.quant is not None:  # W_eff = Q(W) * M: quantize first, then mask
-                quantizer = LearnableClipQuantizer(linear.weight.shape, self.quant.bits, self.quant.group_size,
-                                                   self.quant.clip_init, self.quant.learn_clipping)
+                quantizer = LearnableClipQuantizer(
+                    linear.weight.shape,
+                    self.quant.bits,
+                    self.quant.group_size,
+                    self.quant.clip_init,
+                    self.quant.learn_clipping,
+                )
                 parametrize.register_parametrization(linear, "weight", quantizer.to(device))
-            allocation = SparsityAllocation(ranks[name].to(device), rates, settings.granularity, settings.smoothing,
-                                            settings.smoothing_scale)
+            allocation = SparsityAllocation(
+                ranks[name].to(device), rates, settings.granularity, settings.smoothing, settings.smoothing_scale
+            )
             parametrize.register_parametrization(linear, "weight", allocation.to(device))
         self.last_metrics: dict[str, float] = {}
 
@@ -62,8 +68,9 @@ class BESABlock(L.LightningModule):
         """Parameter-weighted mean of the layers' expected rates: the s of the sparsity penalty."""
         return sum(share * self.allocation(name).expected_sparsity() for name, share in self.shares.items())
 
-    def objective(self, output: Tensor, target: Tensor, norms_squared: Tensor | None = None,
-                  ranks: int = 1) -> tuple[Tensor, dict[str, float]]:
+    def objective(
+        self, output: Tensor, target: Tensor, norms_squared: Tensor | None = None, ranks: int = 1
+    ) -> tuple[Tensor, dict[str, float]]:
         """Reconstruction plus sparsity penalty. Spread over `ranks` processes, each rank's share:
         its tokens' part of the reconstruction sum and 1/ranks of the penalty, so that the gradients
         summed over ranks are those of the whole micro-batch."""
@@ -90,12 +97,24 @@ class BESABlock(L.LightningModule):
             from prodigyopt import Prodigy
 
             # The official release scripts' settings; only d_coef varies by model (paper section 4.1).
-            optimizers = [Prodigy(params, lr=s.lr, d_coef=s.d_coef, weight_decay=0.0, decouple=True,
-                                  use_bias_correction=False, safeguard_warmup=False, d0=1e-6)]
+            optimizers = [
+                Prodigy(
+                    params,
+                    lr=s.lr,
+                    d_coef=s.d_coef,
+                    weight_decay=0.0,
+                    decouple=True,
+                    use_bias_correction=False,
+                    safeguard_warmup=False,
+                    d0=1e-6,
+                )
+            ]
         else:
             optimizers = [torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)]
         if self.quant is not None and self.quant.learn_clipping:
-            clips = [p for name in self.linears for p in (self.quantizer(name).clip_upper, self.quantizer(name).clip_lower)]
+            clips = [
+                p for name in self.linears for p in (self.quantizer(name).clip_upper, self.quantizer(name).clip_lower)
+            ]
             optimizers.append(torch.optim.AdamW(clips, lr=self.quant.clip_lr, weight_decay=0.0))
         return optimizers
 

@@ -96,8 +96,10 @@ class BESAPruner(L.LightningModule):
     def trainable_state(self) -> dict | None:
         if self.current is None:
             return None
-        return {"trainable": self.current.trainable_state(),
-                "optimizers": [optimizer.state_dict() for optimizer in self.block_optimizers]}
+        return {
+            "trainable": self.current.trainable_state(),
+            "optimizers": [optimizer.state_dict() for optimizer in self.block_optimizers],
+        }
 
     def configure_optimizers(self):
         return None  # BESABlock's own optimizers, set up per block in begin_training

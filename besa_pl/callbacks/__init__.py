@@ -8,4 +8,13 @@ from besa_pl.loop.block_checkpoint import BlockCheckpoint
 from besa_pl.loop.blockwise_loop import BlockwiseLoop, SaveOnInterrupt
 from besa_pl.quant.compressed_export import CompressedTensorsExport
 
-__all__ = ["BlockCheckpoint", "BlockwiseLoop", "CompressedTensorsExport", "FidelityEval", "HardwareSimulation", "PerplexityEval", "SaveOnInterrupt", "ZeroShotEval"]
+__all__ = [
+    "BlockCheckpoint",
+    "BlockwiseLoop",
+    "CompressedTensorsExport",
+    "FidelityEval",
+    "HardwareSimulation",
+    "PerplexityEval",
+    "SaveOnInterrupt",
+    "ZeroShotEval",
+]

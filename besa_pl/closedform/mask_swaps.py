@@ -25,8 +25,14 @@ from besa_pl.closedform.masked_solve import conjugate_gradients
 
 @torch.no_grad()
 def swap_refine(
-    weight: Tensor, start: Tensor, hessian: Tensor, keep: Tensor, rounds: int, percdamp: float = 0.01,
-    pairs_per_round: int | None = None, iterations: int = 5,
+    weight: Tensor,
+    start: Tensor,
+    hessian: Tensor,
+    keep: Tensor,
+    rounds: int,
+    percdamp: float = 0.01,
+    pairs_per_round: int | None = None,
+    iterations: int = 5,
 ) -> tuple[Tensor, Tensor]:
     """(weights, keep-mask) after up to `rounds` rounds of swaps, from solved weights `weight`
     (zero where `keep` is False) and the dense weights `start`. Inputs that are never active are

@@ -21,8 +21,9 @@ from torch import Tensor
 from besa_pl.closedform.damping import damped_gram
 
 
-def conjugate_gradients(w: Tensor, start: Tensor, h: Tensor, free: Tensor, iterations: int,
-                        tolerance: float = 1e-8) -> tuple[Tensor, Tensor]:
+def conjugate_gradients(
+    w: Tensor, start: Tensor, h: Tensor, free: Tensor, iterations: int, tolerance: float = 1e-8
+) -> tuple[Tensor, Tensor]:
     """Lower (w - start) h (w - start)^T row by row over the entries where `free` is 1, in place.
     Returns (w, its gradient (w - start) h), the gradient kept up to date from the products CG needs
     anyway."""
@@ -50,8 +51,13 @@ def conjugate_gradients(w: Tensor, start: Tensor, h: Tensor, free: Tensor, itera
 
 @torch.no_grad()
 def masked_least_squares(
-    weight: Tensor, start: Tensor, hessian: Tensor, keep: Tensor, percdamp: float = 0.01,
-    iterations: int = 15, tolerance: float = 1e-8,
+    weight: Tensor,
+    start: Tensor,
+    hessian: Tensor,
+    keep: Tensor,
+    percdamp: float = 0.01,
+    iterations: int = 15,
+    tolerance: float = 1e-8,
 ) -> Tensor:
     """W minimising ||(W - start) X||^2 + lambda ||W - start||^2 row by row, with W = 0 where `keep`
     is False, from the initial guess `weight` (e.g. the sweep's). Columns the inputs never reach

@@ -125,8 +125,9 @@ class RowBudgetSelect:
             cut = left
         else:
             order = torch.argsort(saliency, dim=1, stable=True)
-            ranks = torch.empty_like(order).scatter_(1, order, torch.arange(w_rest.shape[1], device=w_rest.device)
-                                                     .expand_as(order))
+            ranks = torch.empty_like(order).scatter_(
+                1, order, torch.arange(w_rest.shape[1], device=w_rest.device).expand_as(order)
+            )
             cut = (ranks[:, :width] < left.view(-1, 1)).sum(dim=1)  # this block's share of the row's lowest
         block = saliency[:, :width]
         order = torch.argsort(block, dim=1, stable=True)
@@ -212,7 +213,9 @@ def obs_sweep(
                 if select.sees_rest:  # at i = 0, w[:, start:] is the row's rest as updated so far
                     k1[:, i : i + window] = ~select(w[:, column:], torch.diag(upper)[column:], column, window)
                 else:
-                    k1[:, i : i + window] = ~select(w1[:, i : i + window], torch.diag(u1)[i : i + window], column, window)
+                    k1[:, i : i + window] = ~select(
+                        w1[:, i : i + window], torch.diag(u1)[i : i + window], column, window
+                    )
             if grid is not None and column % size == 0:
                 # From the weights as updated so far (GPTQ's order); a whole-row group is set at
                 # column 0, before any update.

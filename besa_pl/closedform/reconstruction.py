@@ -128,7 +128,9 @@ def reconstruct_block(
     exact = settings.reconstruct_solve == "exact"
     linears = prunable_linears(block)
     for name, linear in linears.items():  # start from the masked dense weights
-        linear.weight.copy_((dense[name].to(linear.weight.device) * masks[name].to(linear.weight.device)).to(linear.weight.dtype))
+        linear.weight.copy_(
+            (dense[name].to(linear.weight.device) * masks[name].to(linear.weight.device)).to(linear.weight.dtype)
+        )
     reference_inputs = inputs if reference_inputs is None else reference_inputs
     dense_params = {f"{name}.weight": dense[name].to(device, linears[name].weight.dtype) for name in linears}
     qparams: dict[str, tuple[Tensor, Tensor]] = {}
@@ -141,11 +143,11 @@ def reconstruct_block(
         try:
             for i in range(inputs.shape[0]):
                 hidden = inputs[i : i + 1].to(device)
-                x = recorder.take(lambda: call_block(block, hidden, kwargs))
+                x = recorder.take(lambda: call_block(block, hidden, kwargs))  # noqa: B023 (called at once)
                 gram.add(x)
                 if cross_gram is not None:
                     ref_hidden = reference_inputs[i : i + 1].to(device)
-                    x_ref = recorder.take(lambda: functional_call(block, dense_params, (ref_hidden,), kwargs))
+                    x_ref = recorder.take(lambda: functional_call(block, dense_params, (ref_hidden,), kwargs))  # noqa: B023 (called at once)
                     cross_gram.add(x, x_left=x_ref)
         finally:
             recorder.remove()
@@ -161,8 +163,15 @@ def reconstruct_block(
             mask = masks[name].to(device)
             select = reselect(mask) if reselect else None
             grid = (grids or {}).get(name)
-            weight, keep, params = obs_sweep(start, hessian, keep=None if select else mask, select=select,
-                                             grid=None if exact else grid, percdamp=percdamp, log=log)
+            weight, keep, params = obs_sweep(
+                start,
+                hessian,
+                keep=None if select else mask,
+                select=select,
+                grid=None if exact else grid,
+                percdamp=percdamp,
+                log=log,
+            )
             if exact:
                 weight = masked_least_squares(weight, start, hessian, keep, percdamp)
                 if swaps:

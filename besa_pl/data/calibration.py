@@ -44,9 +44,13 @@ def read_text_file(path: Path, setting: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise BesaError(f"{setting}={path}: not UTF-8 text ({error.reason} at byte {error.start}); convert it to UTF-8") from error
+        raise BesaError(
+            f"{setting}={path}: not UTF-8 text ({error.reason} at byte {error.start}); convert it to UTF-8"
+        ) from error
     except OSError as error:
-        raise BesaError(f"{setting}={path}: cannot read ({error.strerror}); check the path and its permissions") from error
+        raise BesaError(
+            f"{setting}={path}: cannot read ({error.strerror}); check the path and its permissions"
+        ) from error
 
 
 def _local_file(name: str, split: str, data_dir: Path, setting: str) -> Path:
@@ -64,8 +68,10 @@ def _hub(loader, setting: str):
     if not hub_reachable():
         # Only calibration can do without data; an evaluation just needs its files.
         alternative = ", or calibrate with --data.dataset self" if setting == "data.dataset" else ""
-        raise BesaError(f"{setting}: the Hugging Face hub cannot be reached and no data folder is set; set "
-                        f"data.data_dir (or BESA_DATA_DIR) to a local data folder{alternative}")
+        raise BesaError(
+            f"{setting}: the Hugging Face hub cannot be reached and no data folder is set; set "
+            f"data.data_dir (or BESA_DATA_DIR) to a local data folder{alternative}"
+        )
     try:
         return loader()
     except data_unreachable_errors() as error:  # offline, unknown or gated dataset, missing file
@@ -108,8 +114,9 @@ def documents(name: str, split: str, data_dir: str | None, setting: str = "data.
     raise BesaError(f"{setting}={name}: unknown dataset; use c4, wikitext2, ptb or a path to a .txt/.jsonl file")
 
 
-def sample_documents(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: int,
-                     used: set[int] | None = None) -> torch.Tensor:
+def sample_documents(
+    docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: int, used: set[int] | None = None
+) -> torch.Tensor:
     """The SparseGPT/Wanda recipe: random documents longer than seqlen, one random window each.
     The indices of the documents drawn are added to `used`."""
     rng = random.Random(seed)
@@ -136,14 +143,17 @@ def sample_stream(text: str, tokenizer, nsamples: int, seqlen: int, seed: int, s
     """Random windows of one tokenised text (for user files whose documents may be short)."""
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     if ids.numel() <= seqlen:
-        raise BesaError(f"{setting}: the text has {ids.numel()} tokens, not more than data.seqlen={seqlen}; lower data.seqlen or add text")
+        raise BesaError(
+            f"{setting}: the text has {ids.numel()} tokens, not more than data.seqlen={seqlen}; lower data.seqlen or add text"
+        )
     rng = random.Random(seed)
     starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
     return torch.stack([ids[s : s + seqlen] for s in starts])
 
 
-def calibration_tokens(dataset: str, tokenizer, nsamples: int, seqlen: int, seed: int, data_dir: str | None,
-                       used: set[int] | None = None):
+def calibration_tokens(
+    dataset: str, tokenizer, nsamples: int, seqlen: int, seed: int, data_dir: str | None, used: set[int] | None = None
+):
     """(N x T token tensor, description of the source); C4 documents drawn are added to `used`."""
     if dataset in CALIBRATION_DATASETS:
         docs, source = documents(dataset, "train", data_dir)
@@ -158,7 +168,9 @@ def calibration_tokens(dataset: str, tokenizer, nsamples: int, seqlen: int, seed
         try:
             text = "\n\n".join(json.loads(line)["text"] for line in text.splitlines() if line.strip())
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise BesaError(f"data.dataset={dataset}: every line must be a JSON object with a 'text' field ({error})") from error
+            raise BesaError(
+                f"data.dataset={dataset}: every line must be a JSON object with a 'text' field ({error})"
+            ) from error
     return sample_stream(text, tokenizer, nsamples, seqlen, seed, "data.dataset"), str(path)
 
 
@@ -214,8 +226,10 @@ class CalibrationDataModule(L.LightningDataModule):
         at_least("data.seqlen", seqlen, 2)
         at_least("data.batch_size", batch_size, 1)
         if data_dir is not None and not Path(data_dir).expanduser().is_dir():
-            raise BesaError(f"data.data_dir={data_dir}: no such folder; give a folder laid out like the README's data "
-                            "folder, or leave it unset to use the Hugging Face hub")
+            raise BesaError(
+                f"data.data_dir={data_dir}: no such folder; give a folder laid out like the README's data "
+                "folder, or leave it unset to use the Hugging Face hub"
+            )
         generation.check()
         self.dataset = dataset
         self.nsamples = nsamples
@@ -237,24 +251,35 @@ class CalibrationDataModule(L.LightningDataModule):
             return  # the dense row needs no calibration data
         limit = pruner.context_length()
         if limit is not None and self.seqlen > limit:
-            raise BesaError(f"data.seqlen={self.seqlen} is longer than the model's context ({limit} tokens); lower data.seqlen")
+            raise BesaError(
+                f"data.seqlen={self.seqlen} is longer than the model's context ({limit} tokens); lower data.seqlen"
+            )
         ranks = self.trainer.world_size
         if self.nsamples % ranks:
-            raise BesaError(f"data.nsamples={self.nsamples} does not split over {ranks} ranks; use a multiple of {ranks}")
+            raise BesaError(
+                f"data.nsamples={self.nsamples} does not split over {ranks} ranks; use a multiple of {ranks}"
+            )
         # The first hook of a fit: the Python API refuses what the command refuses, before any work.
         check_before_fit(self.trainer, pruner, self)
         if self.dataset == "self":
             device = self.trainer.strategy.root_device
             if self.trainer.global_rank != 0:  # rank 0 writes the text into the cache, the others read it
                 self.trainer.strategy.barrier("self-calibration")
-            tokens, self.source = self_calibration_tokens(pruner.open_source(), self.nsamples, self.seqlen,
-                                                          self.seed, self.generation, device)
+            tokens, self.source = self_calibration_tokens(
+                pruner.open_source(), self.nsamples, self.seqlen, self.seed, self.generation, device
+            )
             if self.trainer.global_rank == 0:
                 self.trainer.strategy.barrier("self-calibration")
         else:
             self.used_documents = set()
             tokens, self.source = calibration_tokens(
-                self.dataset, pruner.tokenizer, self.nsamples, self.seqlen, self.seed, self.data_dir, self.used_documents
+                self.dataset,
+                pruner.tokenizer,
+                self.nsamples,
+                self.seqlen,
+                self.seed,
+                self.data_dir,
+                self.used_documents,
             )
         self.fingerprint = tensor_fingerprint(tokens)  # of all ranks' samples
         # Under DDP each rank keeps every ranks-th sample: rank r's step k is sample k * ranks + r, as
@@ -266,16 +291,20 @@ class CalibrationDataModule(L.LightningDataModule):
         the C4 perplexity protocol joins documents): a validation split for choosing settings
         without touching the test sets."""
         if self.dataset != "c4":
-            raise BesaError(f"PerplexityEval.datasets: heldout needs data.dataset c4 (documents to hold out), not {self.dataset}")
+            raise BesaError(
+                f"PerplexityEval.datasets: heldout needs data.dataset c4 (documents to hold out), not {self.dataset}"
+            )
         if self.used_documents is None:
             self.used_documents = set()
-            calibration_tokens(self.dataset, tokenizer, self.nsamples, self.seqlen, self.seed, self.data_dir,
-                               self.used_documents)
+            calibration_tokens(
+                self.dataset, tokenizer, self.nsamples, self.seqlen, self.seed, self.data_dir, self.used_documents
+            )
         docs, source = documents("c4", "train", self.data_dir)
         kept = [doc for index, doc in enumerate(docs) if index not in self.used_documents]
         return " ".join(kept), f"{source} without the {len(self.used_documents)} calibration documents"
 
     def train_dataloader(self) -> DataLoader:
         count = self.tokens.shape[0] if self.tokens is not None else 0  # this rank's share (none: dense)
-        return ResumableLoader(list(range(count)), batch_size=self.batch_size,
-                               sampler=ResumableSampler(count, self, self.batch_size))
+        return ResumableLoader(
+            list(range(count)), batch_size=self.batch_size, sampler=ResumableSampler(count, self, self.batch_size)
+        )

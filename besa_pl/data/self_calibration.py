@@ -31,10 +31,61 @@ from besa_pl.errors import BesaError, at_least
 from besa_pl.offline import cache_dir
 
 # Common English function words (a subset of spaCy's English stop words, which the paper uses).
-FIRST_WORDS = ("the", "a", "an", "in", "on", "at", "of", "to", "for", "with", "by", "from", "as", "and", "but",
-               "or", "if", "when", "while", "after", "before", "this", "that", "these", "those", "it", "he",
-               "she", "they", "we", "i", "you", "there", "here", "what", "how", "why", "where", "one", "some",
-               "many", "most", "all", "each", "every", "my", "our", "his", "her", "their", "its", "not", "no")
+FIRST_WORDS = (
+    "the",
+    "a",
+    "an",
+    "in",
+    "on",
+    "at",
+    "of",
+    "to",
+    "for",
+    "with",
+    "by",
+    "from",
+    "as",
+    "and",
+    "but",
+    "or",
+    "if",
+    "when",
+    "while",
+    "after",
+    "before",
+    "this",
+    "that",
+    "these",
+    "those",
+    "it",
+    "he",
+    "she",
+    "they",
+    "we",
+    "i",
+    "you",
+    "there",
+    "here",
+    "what",
+    "how",
+    "why",
+    "where",
+    "one",
+    "some",
+    "many",
+    "most",
+    "all",
+    "each",
+    "every",
+    "my",
+    "our",
+    "his",
+    "her",
+    "their",
+    "its",
+    "not",
+    "no",
+)
 
 
 @dataclass(frozen=True)
@@ -61,8 +112,10 @@ class SelfRecipe:
         if not 0 < self.top_p <= 1:
             raise BesaError(f"data.generation.top_p={self.top_p}: must be in (0, 1]")
         if not 0 <= self.filter_fraction < 1:
-            raise BesaError(f"data.generation.filter_fraction={self.filter_fraction}: must be in [0, 1) (0.2 drops the 20% "
-                            "of samples with the highest perplexity)")
+            raise BesaError(
+                f"data.generation.filter_fraction={self.filter_fraction}: must be in [0, 1) (0.2 drops the 20% "
+                "of samples with the highest perplexity)"
+            )
         at_least("data.generation.batch_size", self.batch_size, 1)
         at_least("data.generation.schedule_steps", self.schedule_steps, 1)
 
@@ -98,8 +151,16 @@ class _Schedule:
 
 
 @torch.no_grad()
-def generate_samples(model, tokenizer, count: int, seqlen: int, recipe: SelfRecipe, device, progress=None,
-                     label: str = "calibration text") -> torch.Tensor:
+def generate_samples(
+    model,
+    tokenizer,
+    count: int,
+    seqlen: int,
+    recipe: SelfRecipe,
+    device,
+    progress=None,
+    label: str = "calibration text",
+) -> torch.Tensor:
     """`count` samples of exactly `seqlen` tokens (BOS first), written by the model."""
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -117,10 +178,22 @@ def generate_samples(model, tokenizer, count: int, seqlen: int, recipe: SelfReci
             prompt = torch.full((len(batch), 1), bos, dtype=torch.long, device=device)
             need = max(seqlen - len(rows[i]) for i in batch)
             config = GenerationConfig(  # a fresh config: none of the model's own sampling defaults
-                do_sample=True, top_p=recipe.top_p, top_k=0, temperature=1.0, max_new_tokens=max(need - 1, 1),
-                min_new_tokens=1, eos_token_id=eos, pad_token_id=eos if eos is not None else bos, use_cache=True)
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config,
-                                 logits_processor=LogitsProcessorList([_Schedule(1, first_ids, recipe)])).cpu()
+                do_sample=True,
+                top_p=recipe.top_p,
+                top_k=0,
+                temperature=1.0,
+                max_new_tokens=max(need - 1, 1),
+                min_new_tokens=1,
+                eos_token_id=eos,
+                pad_token_id=eos if eos is not None else bos,
+                use_cache=True,
+            )
+            out = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                generation_config=config,
+                logits_processor=LogitsProcessorList([_Schedule(1, first_ids, recipe)]),
+            ).cpu()
             for row_index, sequence in zip(batch, out.tolist()):
                 text = sequence[:1]
                 for token in sequence[1:]:
@@ -148,18 +221,22 @@ def sample_perplexities(model, samples: torch.Tensor, device, batch_size: int) -
 
 
 def cache_path(model_fingerprint: str, nsamples: int, seqlen: int, seed: int, recipe: SelfRecipe) -> Path:
-    key = json.dumps({"model": model_fingerprint, "n": nsamples, "t": seqlen, "seed": seed, **asdict(recipe)},
-                     sort_keys=True)
+    key = json.dumps(
+        {"model": model_fingerprint, "n": nsamples, "t": seqlen, "seed": seed, **asdict(recipe)}, sort_keys=True
+    )
     return cache_dir() / "self-calibration" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 
-def self_calibration_tokens(source, nsamples: int, seqlen: int, seed: int, recipe: SelfRecipe, device,
-                            label: str = "calibration text") -> tuple[torch.Tensor, str]:
+def self_calibration_tokens(
+    source, nsamples: int, seqlen: int, seed: int, recipe: SelfRecipe, device, label: str = "calibration text"
+) -> tuple[torch.Tensor, str]:
     """(N x T tokens, description): from the cache, or written by the model now (`label` names them in the log)."""
     recipe.check()
     path = cache_path(source.fingerprint, nsamples, seqlen, seed, recipe)
-    described = (f"self-generated by the model (seed {seed}, temperature {recipe.temperature[0]}->{recipe.temperature[1]}"
-                 f", top-p {recipe.top_p}, filter {recipe.filter_fraction})")
+    described = (
+        f"self-generated by the model (seed {seed}, temperature {recipe.temperature[0]}->{recipe.temperature[1]}"
+        f", top-p {recipe.top_p}, filter {recipe.filter_fraction})"
+    )
     if path.exists():
         return torch.load(path), described + f", cached at {path}"
     model, device = source.generation_model(device)

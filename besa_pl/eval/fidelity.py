@@ -49,8 +49,13 @@ class FidelityTotals:
 
     def summary(self) -> dict[str, float]:
         n = max(self.positions, 1)
-        return {"kl": self.kl / n, "top1_agreement": self.agree / n, "perplexity_dense": math.exp(self.loss_dense / n),
-                "perplexity_pruned": math.exp(self.loss_pruned / n), "positions": self.positions}
+        return {
+            "kl": self.kl / n,
+            "top1_agreement": self.agree / n,
+            "perplexity_dense": math.exp(self.loss_dense / n),
+            "perplexity_pruned": math.exp(self.loss_pruned / n),
+            "positions": self.positions,
+        }
 
 
 @torch.no_grad()
@@ -62,10 +67,18 @@ def streamed_fidelity(source, pruned_folder, ids: Tensor, device, batch_size: in
     dense_hidden, pruned_hidden = cache.inputs, cache.inputs.clone()
     for index in range(source.num_blocks):
         kwargs = cache.block_kwargs[index]
-        run_block(source.load_block(index, device), dense_hidden, kwargs, device, out=dense_hidden, batch_size=batch_size)
+        run_block(
+            source.load_block(index, device), dense_hidden, kwargs, device, out=dense_hidden, batch_size=batch_size
+        )
         source.release_block(index)
-        run_block(source.load_block(index, device, pruned_store), pruned_hidden, kwargs, device, out=pruned_hidden,
-                  batch_size=batch_size)
+        run_block(
+            source.load_block(index, device, pruned_store),
+            pruned_hidden,
+            kwargs,
+            device,
+            out=pruned_hidden,
+            batch_size=batch_size,
+        )
         source.release_block(index)
     totals = FidelityTotals()
     source.move_outer(device)
@@ -100,16 +113,19 @@ class FidelityEval(Callback):
     def setup(self, trainer, pruner, stage: str) -> None:
         data = trainer.datamodule
         if getattr(data, "dataset", None) == "self" and getattr(data, "seed", None) == self.seed:
-            raise BesaError(f"FidelityEval.seed={self.seed} is the calibration's data.seed: the texts would be the "
-                            "calibration tokens; give FidelityEval another seed")
+            raise BesaError(
+                f"FidelityEval.seed={self.seed} is the calibration's data.seed: the texts would be the "
+                "calibration tokens; give FidelityEval another seed"
+            )
 
     def on_fit_end(self, trainer, pruner) -> None:
         if not trainer.is_global_zero or not pruner.settings.pruning:
             return  # under DDP once, on rank 0; a dense run has nothing to compare
         source = pruner.open_source()
         device = trainer.strategy.root_device
-        ids, described = self_calibration_tokens(source, self.nsamples, self.seqlen, self.seed, SelfRecipe(), device,
-                                                   label="fidelity text")
+        ids, described = self_calibration_tokens(
+            source, self.nsamples, self.seqlen, self.seed, SelfRecipe(), device, label="fidelity text"
+        )
         calibration = getattr(trainer.datamodule, "tokens", None)
         if calibration is not None and calibration.shape[1] == ids.shape[1]:
             if (ids.unsqueeze(1) == calibration.unsqueeze(0)).all(dim=-1).any():
@@ -121,6 +137,7 @@ class FidelityEval(Callback):
         console.print(
             f"fidelity to the dense model ({self.nsamples} x {self.seqlen} tokens it wrote, seed {self.seed}): "
             f"KL {found['kl']:.4f} nats, top-1 agreement {100 * found['top1_agreement']:.2f}%, "
-            f"perplexity {found['perplexity_pruned']:.3f} (dense {found['perplexity_dense']:.3f})")
+            f"perplexity {found['perplexity_pruned']:.3f} (dense {found['perplexity_dense']:.3f})"
+        )
         if trainer.logger is not None:
             trainer.logger.log_metrics({"fidelity/kl": found["kl"], "fidelity/top1": found["top1_agreement"]})

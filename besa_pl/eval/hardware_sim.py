@@ -50,7 +50,8 @@ def simulate(linear_weights: Iterable[tuple[str, torch.Tensor]], acc: Accelerato
     total_sparse = sum(row["sparse_cycles"] for row in table.values())
     table["block"] = {
         "sparsity": zeros / weights if weights else 0.0,
-        "dense_cycles": total_dense, "sparse_cycles": total_sparse,
+        "dense_cycles": total_dense,
+        "sparse_cycles": total_sparse,
         "speedup": total_dense / total_sparse if total_sparse else float("inf"),
     }
     return table
@@ -68,8 +69,16 @@ class HardwareSimulation(Callback):
         latency_seqlen: tokens per timed forward pass.
     """
 
-    def __init__(self, pe_rows: int = 64, pe_cols: int = 64, theta: float = 0.5, theta_step: float = 0.1,
-                 tries: int = 5, measure_latency: bool = True, latency_seqlen: int = 128) -> None:
+    def __init__(
+        self,
+        pe_rows: int = 64,
+        pe_cols: int = 64,
+        theta: float = 0.5,
+        theta_step: float = 0.1,
+        tries: int = 5,
+        measure_latency: bool = True,
+        latency_seqlen: int = 128,
+    ) -> None:
         at_least("HardwareSimulation.pe_rows", pe_rows, 1)
         at_least("HardwareSimulation.pe_cols", pe_cols, 2)  # a dense and a sparse engine
         if not 0 < theta < 1:
@@ -86,14 +95,21 @@ class HardwareSimulation(Callback):
             return
         source = pruner.open_source()
         table = simulate(source.linear_weights(source.evaluation_folder(trainer)), self.acc)
-        results = {"accelerator": vars(self.acc) | {"dense_share_band": list(self.acc.dense_share_band)},
-                   "per_type": table}
+        results = {
+            "accelerator": vars(self.acc) | {"dense_share_band": list(self.acc.dense_share_band)},
+            "per_type": table,
+        }
         view = Table(title=f"simulated accelerator ({self.acc.pe_rows}x{self.acc.pe_cols} PEs, cycles per layer)")
         for column in ("type", "sparsity", "dense cycles", "sparse cycles", "speed-up"):
             view.add_column(column, justify="right")
         for kind, row in table.items():
-            view.add_row(kind, f"{row['sparsity']:.4f}", f"{row['dense_cycles']:.0f}", f"{row['sparse_cycles']:.0f}",
-                         f"{row['speedup']:.2f}x")
+            view.add_row(
+                kind,
+                f"{row['sparsity']:.4f}",
+                f"{row['dense_cycles']:.0f}",
+                f"{row['sparse_cycles']:.0f}",
+                f"{row['speedup']:.2f}x",
+            )
         console.print(view)
         if self.measure_latency:
             results["measured"] = self._measure(pruner)
@@ -105,12 +121,20 @@ class HardwareSimulation(Callback):
             reason = "the model does not fit in this device's memory; latency is measured only for models that do"
             console.print(f"measured latency skipped: {reason}")
             return {"skipped": reason}
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        name = (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        )
         seconds = forward_latency(model, self.latency_seqlen)
-        measured = {"device": name, "forward_ms": seconds * 1e3, "seqlen": self.latency_seqlen,
-                    "note": "dense kernels: zeros are still multiplied, so a pruned model is no faster than dense here"}
-        console.print(f"measured forward latency on {name}: {seconds * 1e3:.1f} ms for {self.latency_seqlen} tokens "
-                      "(dense kernels; pruning alone does not make this faster)")
+        measured = {
+            "device": name,
+            "forward_ms": seconds * 1e3,
+            "seqlen": self.latency_seqlen,
+            "note": "dense kernels: zeros are still multiplied, so a pruned model is no faster than dense here",
+        }
+        console.print(
+            f"measured forward latency on {name}: {seconds * 1e3:.1f} ms for {self.latency_seqlen} tokens "
+            "(dense kernels; pruning alone does not make this faster)"
+        )
         reason = semi_structured_skip_reason(device)
         first = prunable_linears(decoder_blocks(model)[0]).values()
         if reason is None and not all(is_two_four(linear.weight) for linear in first):
@@ -121,8 +145,10 @@ class HardwareSimulation(Callback):
                 if "skipped" in row:
                     console.print(f"2:4 kernel {kind}: skipped ({row['skipped']})")
                     continue
-                console.print(f"2:4 kernel {kind}: dense {row['dense_ms']:.3f} ms, sparse {row['sparse_ms']:.3f} ms, "
-                              f"{row['speedup']:.2f}x")
+                console.print(
+                    f"2:4 kernel {kind}: dense {row['dense_ms']:.3f} ms, sparse {row['sparse_ms']:.3f} ms, "
+                    f"{row['speedup']:.2f}x"
+                )
         else:
             measured["semi_structured_skipped"] = reason
             console.print(f"2:4 sparse-kernel latency skipped: {measured['semi_structured_skipped']}")

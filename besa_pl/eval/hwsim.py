@@ -57,7 +57,9 @@ def split_cycles(col_nnz: Tensor, rows: int, theta: float, acc: Accelerator) -> 
     dense_cycles = math.ceil(dense_work / (width_dense * acc.pe_rows)) if n_dense else 0
     sparse_cycles = math.ceil(nnz_sparse / (width_sparse * acc.pe_rows)) if nnz_sparse else 0
     kept_share = int(col_nnz[dense].sum()) / nnz_total if nnz_total else 0.0
-    return Cycles(max(dense_cycles, sparse_cycles), dense_cycles, sparse_cycles, dense_work + nnz_sparse, n_dense), kept_share
+    return Cycles(
+        max(dense_cycles, sparse_cycles), dense_cycles, sparse_cycles, dense_work + nnz_sparse, n_dense
+    ), kept_share
 
 
 def patch_cycles(col_nnz: Tensor, rows: int, acc: Accelerator) -> Cycles:

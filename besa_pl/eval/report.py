@@ -48,7 +48,9 @@ def result_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         scope = f"{fidelity['texts']} x {fidelity['seqlen']} dense-written tokens"
         rows.append((f"fidelity KL to dense ({scope})", f"{fidelity['kl']:.4f}"))
         rows.append(("fidelity top-1 agreement", f"{100 * fidelity['top1_agreement']:.2f}"))
-        rows.append(("fidelity perplexity (dense)", f"{fidelity['perplexity_pruned']:.3f} ({fidelity['perplexity_dense']:.3f})"))
+        rows.append(
+            ("fidelity perplexity (dense)", f"{fidelity['perplexity_pruned']:.3f} ({fidelity['perplexity_dense']:.3f})")
+        )
     zero_shot = results.get("zero_shot", {})
     for name, scores in zero_shot.get("tasks", {}).items():
         for metric, value in scores.items():

@@ -22,8 +22,10 @@ def task_means(tasks: dict[str, dict[str, float]]) -> dict[str, float | None]:
     """
     accs = [scores["acc"] for scores in tasks.values() if "acc" in scores]
     norms = [scores.get("acc_norm", scores["acc"]) for scores in tasks.values() if "acc" in scores]
-    return {"mean_acc": sum(accs) / len(accs) if accs else None,
-            "mean_acc_norm": sum(norms) / len(norms) if norms else None}
+    return {
+        "mean_acc": sum(accs) / len(accs) if accs else None,
+        "mean_acc_norm": sum(norms) / len(norms) if norms else None,
+    }
 
 
 def item_scores(samples: list[dict]) -> dict[str, str]:
@@ -106,7 +108,9 @@ class ZeroShotEval(Callback):
             return pruner.evaluation_model(offload=True)
         except (MemoryError, torch.cuda.OutOfMemoryError, OSError) as error:  # OSError: offload disk full
             for spec in specs:
-                skipped[task_name(spec)] = f"the model could not be loaded for evaluation ({type(error).__name__}: {error})"
+                skipped[task_name(spec)] = (
+                    f"the model could not be loaded for evaluation ({type(error).__name__}: {error})"
+                )
                 console.print(f"[yellow]zero-shot {task_name(spec)} skipped:[/] {skipped[task_name(spec)]}")
             return None, None
 
@@ -117,21 +121,36 @@ class ZeroShotEval(Callback):
         from lm_eval.models.huggingface import HFLM
 
         with third_party_output():
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size,
-                      max_length=self.max_length, device=str(device))
+            lm = HFLM(
+                pretrained=model,
+                tokenizer=tokenizer,
+                batch_size=self.batch_size,
+                max_length=self.max_length,
+                device=str(device),
+            )
         for spec in specs:
             name = task_name(spec)
             try:
                 with third_party_output():  # datasets' and lm-eval's bars
-                    out = simple_evaluate(model=lm, tasks=[spec], task_manager=manager, limit=self.limit,
-                                          bootstrap_iters=0, log_samples=True, verbosity="ERROR")
+                    out = simple_evaluate(
+                        model=lm,
+                        tasks=[spec],
+                        task_manager=manager,
+                        limit=self.limit,
+                        bootstrap_iters=0,
+                        log_samples=True,
+                        verbosity="ERROR",
+                    )
             except data_unreachable_errors() as error:  # offline hub, missing file: report, never drop silently
                 results["skipped"][name] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
                 console.print(f"[yellow]zero-shot {name} skipped:[/] {results['skipped'][name]}")
                 continue
             metrics = out["results"][name]
-            scores = {key.split(",")[0]: value for key, value in metrics.items()
-                      if key.split(",")[0] in ("acc", "acc_norm") and isinstance(value, float)}
+            scores = {
+                key.split(",")[0]: value
+                for key, value in metrics.items()
+                if key.split(",")[0] in ("acc", "acc_norm") and isinstance(value, float)
+            }
             results["tasks"][name] = scores
             results["versions"][name] = out.get("versions", {}).get(name)
             results["items"][name] = item_scores(out.get("samples", {}).get(name, []))

@@ -36,7 +36,9 @@ def compare(a: dict, b: dict, metric: str = "acc") -> dict:
     items_a, items_b = a.get("items") or {}, b.get("items") or {}
     tasks = [task for task in items_a if task in items_b]
     if not tasks:
-        raise BesaError("no zero-shot task has per-item scores in both runs; rerun ZeroShotEval (older results.json files lack them)")
+        raise BesaError(
+            "no zero-shot task has per-item scores in both runs; rerun ZeroShotEval (older results.json files lack them)"
+        )
     rows = {}
     for task in tasks:
         key_a = metric if metric in items_a[task] else "acc"

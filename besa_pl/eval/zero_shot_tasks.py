@@ -56,8 +56,14 @@ READERS = {
 }
 
 # The split each task is scored on in lm-eval.
-EVAL_SPLIT = {"piqa": "validation", "boolq": "validation", "hellaswag": "validation",
-              "winogrande": "validation", "arc_easy": "test", "arc_challenge": "test"}
+EVAL_SPLIT = {
+    "piqa": "validation",
+    "boolq": "validation",
+    "hellaswag": "validation",
+    "winogrande": "validation",
+    "arc_easy": "test",
+    "arc_challenge": "test",
+}
 
 
 def local_task_configs(task_manager, tasks: list[str], folder: Path, work: Path) -> tuple[list[dict], dict[str, str]]:
@@ -74,9 +80,13 @@ def local_task_configs(task_manager, tasks: list[str], folder: Path, work: Path)
         config = lm_eval_task_config(task_manager, name)
         split = EVAL_SPLIT[name]
         config.update(
-            dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": {split: str(path)}},
-            training_split=None, validation_split=split if split == "validation" else None,
-            test_split=split if split == "test" else None, fewshot_split=None,
+            dataset_path="json",
+            dataset_name=None,
+            dataset_kwargs={"data_files": {split: str(path)}},
+            training_split=None,
+            validation_split=split if split == "validation" else None,
+            test_split=split if split == "test" else None,
+            fewshot_split=None,
         )
         config.pop("include", None)
         configs.append(config)

@@ -100,8 +100,10 @@ class BlockwiseLoop(Callback):
             # Lightning's epochs and the finished blocks must agree, or a resume went wrong.
             expected = trainer.current_epoch // pruner.settings.epochs_per_block
             if expected != pruner.block_index:
-                raise RuntimeError(f"epoch {trainer.current_epoch} belongs to block {expected}, "
-                                   f"but {pruner.block_index} blocks are finished")
+                raise RuntimeError(
+                    f"epoch {trainer.current_epoch} belongs to block {expected}, "
+                    f"but {pruner.block_index} blocks are finished"
+                )
             self.begin_block(trainer, pruner)
 
     def on_train_batch_end(self, trainer, pruner, outputs, batch, batch_idx) -> None:
@@ -145,17 +147,23 @@ class BlockwiseLoop(Callback):
         check_shapes(s, source.blocks)
         activation_dtype = torch_dtype(s.activation_dtype or s.dtype)
         stage(f"capture: what block 0 receives for {tokens.shape[0]} samples of {tokens.shape[1]} tokens")
-        pruner.cache = capture_block_inputs(source.model, tokens, s.dense_trajectory, activation_dtype,
-                                            device="cpu", pin=device.type == "cuda")
+        pruner.cache = capture_block_inputs(
+            source.model, tokens, s.dense_trajectory, activation_dtype, device="cpu", pin=device.type == "cuda"
+        )
         # X_p, the targets and (dense trajectory) X_fp, each N/ranks x T x H: see docs/memory.md.
         buffers = 3 if s.dense_trajectory else 2
-        pruner.results["activation_bytes_per_rank"] = buffers * pruner.cache.inputs.numel() * pruner.cache.inputs.element_size()
+        pruner.results["activation_bytes_per_rank"] = (
+            buffers * pruner.cache.inputs.numel() * pruner.cache.inputs.element_size()
+        )
         resume = self._resume
         self._resume = None
         main = trainer.is_global_zero  # under DDP rank 0 writes, the others read
         self.writer = ShardWriter(root / "pruned", source.num_blocks + 1, fresh=resume is None, enabled=main)
-        self.packed = PackedWriter(root / "packed", source.num_blocks + 1, s.quant, fresh=resume is None,
-                                   enabled=main) if s.quant.enabled else None
+        self.packed = (
+            PackedWriter(root / "packed", source.num_blocks + 1, s.quant, fresh=resume is None, enabled=main)
+            if s.quant.enabled
+            else None
+        )
         pruner.records = []
         self.work = None
         self._pending_state = None
@@ -187,7 +195,9 @@ class BlockwiseLoop(Callback):
         self._pending_state = resume["block_state"]
         step = steps_done_in_epoch(trainer)
         step = step if step < trainer.num_training_batches else 0
-        console.print(f"resuming at block {pruner.block_index + 1}/{source.num_blocks} (a checkpoint taken {step} steps into it)")
+        console.print(
+            f"resuming at block {pruner.block_index + 1}/{source.num_blocks} (a checkpoint taken {step} steps into it)"
+        )
 
     @torch.no_grad()
     def begin_block(self, trainer, pruner) -> None:
@@ -219,9 +229,17 @@ class BlockwiseLoop(Callback):
         in_sweep = s.quant.enabled and s.method == "sparsegpt" and s.reconstruction == "none"
         for name, linear in linears.items():
             grid = QuantGrid(s.quant.bits, s.quant.group_size) if in_sweep else None
-            keep, qparams = prune_linear(s.method, linear, stats[name], s.sparsity, s.granularity, s.nm, grid,
-                                         log=lambda msg, name=name: console.print(f"[yellow]block {index} {name}:[/] {msg}"),
-                                         percdamp=s.damping)
+            keep, qparams = prune_linear(
+                s.method,
+                linear,
+                stats[name],
+                s.sparsity,
+                s.granularity,
+                s.nm,
+                grid,
+                log=lambda msg, name=name: console.print(f"[yellow]block {index} {name}:[/] {msg}"),
+                percdamp=s.damping,
+            )
             self.work.masks[name] = keep
             if qparams is None and s.quant.enabled and s.reconstruction == "none":
                 qparams = rtn_params(linear.weight, s.quant.bits, s.quant.group_size)
@@ -246,12 +264,26 @@ class BlockwiseLoop(Callback):
             learned = {name: rate_summary(r) for name, r in rates.items()}
             pruner.end_training()
         if s.reconstruction != "none":
-            grids = ({name: QuantGrid(s.quant.bits, s.quant.group_size, *(work.clipping or {}).get(name, (None, None)))
-                      for name in work.masks} if s.quant.enabled else None)
+            grids = (
+                {
+                    name: QuantGrid(s.quant.bits, s.quant.group_size, *(work.clipping or {}).get(name, (None, None)))
+                    for name in work.masks
+                }
+                if s.quant.enabled
+                else None
+            )
             work.qparams = reconstruct_block(
-                block, work.dense, work.masks, cache.inputs, cache.dense_inputs if s.dense_trajectory else None,
-                cache.block_kwargs[index], device, s, grids,
-                log=lambda msg: console.print(f"[yellow]block {index} reconstruction:[/] {msg}"))
+                block,
+                work.dense,
+                work.masks,
+                cache.inputs,
+                cache.dense_inputs if s.dense_trajectory else None,
+                cache.block_kwargs[index],
+                device,
+                s,
+                grids,
+                log=lambda msg: console.print(f"[yellow]block {index} reconstruction:[/] {msg}"),
+            )
         if s.dense_trajectory:
             cache.dense_inputs = cache.targets
         cache.targets = None
@@ -265,7 +297,8 @@ class BlockwiseLoop(Callback):
         self.work = None
         elapsed = time.perf_counter() - work.started
         console.print(
-            f"block {index + 1}/{source.num_blocks}" + (f"  loss {loss:.4f}" if loss is not None else "")
+            f"block {index + 1}/{source.num_blocks}"
+            + (f"  loss {loss:.4f}" if loss is not None else "")
             + f"  expected sparsity {expected:.4f}  realised {record['realised_sparsity']:.4f}  {elapsed:.1f}s"
         )
         pruner.log("block_realised_sparsity", record["realised_sparsity"], on_epoch=True)
@@ -296,11 +329,15 @@ class BlockwiseLoop(Callback):
         if self.packed is not None:
             packed = self.packed.finish(outer, source.model.config, source.tokenizer, source.dtype)
             pruner.results["bytes"] = {"fp16": fp16_bytes(root / "pruned"), "packed": packed_bytes(packed)}
-            console.print(f"packed model written to {packed} ({pruner.results['bytes']['packed']:,} bytes; "
-                          f"fp16 would be {pruner.results['bytes']['fp16']:,})")
+            console.print(
+                f"packed model written to {packed} ({pruner.results['bytes']['packed']:,} bytes; "
+                f"fp16 would be {pruner.results['bytes']['fp16']:,})"
+            )
         sparsity = sparsity_report(pruner.records, s)
         pruner.results["realised_sparsity"] = sparsity["overall"]
-        plot = save_allocation_plot(pruner.records, root / "allocation.png", f"{s.method} {s.target:.0%}", trainer.logger)
+        plot = save_allocation_plot(
+            pruner.records, root / "allocation.png", f"{s.method} {s.target:.0%}", trainer.logger
+        )
         console.print(f"allocation plot written to {plot}")
         write_json_atomic(root / FINISHED_MARKER, sparsity)
 
@@ -315,8 +352,12 @@ def write_card(root: Path, pruner, datamodule) -> Path:
 def rate_summary(rates: torch.Tensor) -> dict:
     """A layer's learned per-row rates in brief: mean, range, and a 100-bin histogram over [0, 1]."""
     rates = rates.float()
-    return {"mean": float(rates.mean()), "min": float(rates.min()), "max": float(rates.max()),
-            "histogram": torch.histc(rates, bins=100, min=0.0, max=1.0).int().tolist()}
+    return {
+        "mean": float(rates.mean()),
+        "min": float(rates.min()),
+        "max": float(rates.max()),
+        "histogram": torch.histc(rates, bins=100, min=0.0, max=1.0).int().tolist(),
+    }
 
 
 def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -337,9 +378,15 @@ def block_record(index: int, block, expected: float, loss: float | None, learned
     linears = prunable_linears(block)
     zeros = {name: int((linear.weight == 0).sum()) for name, linear in linears.items()}
     weights = sum(linear.weight.numel() for linear in linears.values())
-    record = {"block": index, "expected_sparsity": expected, "realised_sparsity": sum(zeros.values()) / weights,
-              "weights": weights, "layers": {name: zeros[name] / linears[name].weight.numel() for name in linears},
-              "shard": shard.name, "digest": file_digest(shard) if digest else None}  # only rank 0 saves checkpoints
+    record = {
+        "block": index,
+        "expected_sparsity": expected,
+        "realised_sparsity": sum(zeros.values()) / weights,
+        "weights": weights,
+        "layers": {name: zeros[name] / linears[name].weight.numel() for name in linears},
+        "shard": shard.name,
+        "digest": file_digest(shard) if digest else None,
+    }  # only rank 0 saves checkpoints
     if loss is not None:
         record["loss"] = loss
     if learned is not None:

@@ -53,8 +53,10 @@ def check_resume(checkpoint: dict[str, Any], pruner, datamodule) -> dict[str, An
     """The checkpoint's besa section, after checking it belongs to this model, data and settings."""
     state = checkpoint.get("besa")
     if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION:
-        raise BesaError("ckpt_path: not a besa-pl checkpoint of this version (no 'besa' section of format "
-                        f"{FORMAT_VERSION}); give a checkpoint that this besa-pl wrote, or start again")
+        raise BesaError(
+            "ckpt_path: not a besa-pl checkpoint of this version (no 'besa' section of format "
+            f"{FORMAT_VERSION}); give a checkpoint that this besa-pl wrote, or start again"
+        )
     now = pruner.open_source().fingerprint
     if state.get("model_fingerprint") != now:
         raise BesaError(
@@ -66,7 +68,9 @@ def check_resume(checkpoint: dict[str, Any], pruner, datamodule) -> dict[str, An
     differ = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
     if differ:
         listed = ", ".join(f"{key}={saved.get(key)!r} in the checkpoint but {current.get(key)!r} now" for key in differ)
-        raise BesaError(f"ckpt_path: settings differ from the checkpoint's: {listed}; resume with the same settings or start a new run")
+        raise BesaError(
+            f"ckpt_path: settings differ from the checkpoint's: {listed}; resume with the same settings or start a new run"
+        )
     if state.get("calibration_fingerprint") != datamodule.fingerprint:
         raise BesaError(
             "ckpt_path: the calibration tokens differ from the checkpoint's (another data folder, dataset file or "

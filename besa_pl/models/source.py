@@ -55,7 +55,7 @@ class ModelSource:
         self._evaluation = None
         self._fingerprint: str | None = None
         if settings.pruning:
-            self.model  # builds the skeleton now, so an unsupported family fails before any work
+            self.model  # noqa: B018  # builds the skeleton now, so an unsupported family fails before any work
 
     @property
     def fingerprint(self) -> str:
@@ -86,8 +86,10 @@ class ModelSource:
             model.tie_weights()
             missing = [name for name, p in model.named_parameters() if p.device.type == "meta" and id(p) not in inside]
             if missing:
-                raise BesaError(f"model.pretrained={self.pretrained}: the weight files lack {', '.join(missing[:3])}; "
-                                "give a complete Hugging Face model folder")
+                raise BesaError(
+                    f"model.pretrained={self.pretrained}: the weight files lack {', '.join(missing[:3])}; "
+                    "give a complete Hugging Face model folder"
+                )
         return self._model
 
     @property
@@ -99,7 +101,7 @@ class ModelSource:
         return len(self.blocks)
 
     def block_prefix(self, index: int) -> str:
-        self.model
+        self.model  # noqa: B018 (builds the skeleton and the prefixes)
         return self._prefixes[index]
 
     def load_block(self, index: int, device, store: WeightStore | None = None) -> nn.Module:
@@ -133,7 +135,11 @@ class ModelSource:
                 if id(tensor) not in inside and tensor.device.type != "meta":
                     moved = tensor.to(device)
                     # setattr replaces a registered parameter or buffer (and keeps a buffer's persistence)
-                    setattr(module, key, nn.Parameter(moved, requires_grad=False) if isinstance(tensor, nn.Parameter) else moved)
+                    setattr(
+                        module,
+                        key,
+                        nn.Parameter(moved, requires_grad=False) if isinstance(tensor, nn.Parameter) else moved,
+                    )
         self.model.tie_weights()
 
     # ------------------------------------------------------------ evaluation
@@ -189,7 +195,9 @@ def offloaded_model(folder: Path, dtype):
 
     offload = tempfile.TemporaryDirectory(prefix="besa-offload-")
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="auto", offload_folder=offload.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, device_map="auto", offload_folder=offload.name
+        )
     except BaseException:
         offload.cleanup()
         raise

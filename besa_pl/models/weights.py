@@ -107,7 +107,11 @@ def materialize(module: nn.Module, prefix: str, store: WeightStore, device, dtyp
     """Read every meta parameter of `module` from `store` onto `device`; returns how many elements."""
     count = 0
     # Parameters stored under another name (a tied LM head) are tied afterwards.
-    wanted = {name: prefix + name for name, p in module.named_parameters() if p.device.type == "meta" and prefix + name in store}
+    wanted = {
+        name: prefix + name
+        for name, p in module.named_parameters()
+        if p.device.type == "meta" and prefix + name in store
+    }
     values = store.get_many(list(wanted.values()))
     for name, key in wanted.items():
         value = values[key]
@@ -164,8 +168,11 @@ class ShardWriter:
         if not self.enabled:
             return path
         with atomic_file(path) as tmp:
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
-                      metadata=metadata or {"format": "pt"})
+            save_file(
+                {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                str(tmp),
+                metadata=metadata or {"format": "pt"},
+            )
         return path
 
     def finish(self, config, tokenizer, extra_files: dict[str, str] | None = None) -> Path:
@@ -196,4 +203,3 @@ def _numel(shape) -> int:
     for size in shape:
         count *= size
     return count
-

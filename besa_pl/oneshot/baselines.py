@@ -72,7 +72,9 @@ def prune_linear(
     quantized inside its sweep (`grid`), the (scale, zero) per group."""
     weight = linear.weight
     if method == "sparsegpt":
-        new_weight, keep, qparams = sparsegpt_prune(weight, stats.hessian, sparsity, structure, grid, log=log, percdamp=percdamp)
+        new_weight, keep, qparams = sparsegpt_prune(
+            weight, stats.hessian, sparsity, structure, grid, log=log, percdamp=percdamp
+        )
         weight.copy_((new_weight * keep).to(weight.dtype))
         return keep, (qparams[0].cpu(), qparams[1].cpu()) if qparams is not None else None
     if method == "magnitude":
@@ -93,8 +95,12 @@ def check_shapes(settings, blocks) -> None:
         for name, linear in prunable_linears(block).items():
             columns = linear.in_features
             if settings.nm is not None and columns % settings.nm[1]:
-                raise BesaError(f"model.structure={settings.structure}: block {index} {name} has {columns} input "
-                                f"features, not a multiple of {settings.nm[1]}; pick another N:M")
+                raise BesaError(
+                    f"model.structure={settings.structure}: block {index} {name} has {columns} input "
+                    f"features, not a multiple of {settings.nm[1]}; pick another N:M"
+                )
             if group is not None and columns % group:
-                raise BesaError(f"model.quant.group_size={group} does not divide block {index} {name}'s "
-                                f"{columns} input features; pick a divisor or leave it unset")
+                raise BesaError(
+                    f"model.quant.group_size={group} does not divide block {index} {name}'s "
+                    f"{columns} input features; pick a divisor or leave it unset"
+                )

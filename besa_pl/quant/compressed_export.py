@@ -75,9 +75,11 @@ class CompressedExport:
 def check_export(quant: QuantConfig | None) -> None:
     """Refuse, before any pruning, an export the format cannot carry (for the settings' checks)."""
     if quant is None or not quant.enabled:
-        raise BesaError(f"{EXPORT_SETTING} needs model.quant.bits: the sparse-only format "
-                        "(sparse-bitmask) is no longer read by transformers 5 / compressed-tensors>=0.15; set "
-                        "model.quant.bits=4 (pack-quantized W4A16) or use pruned/")
+        raise BesaError(
+            f"{EXPORT_SETTING} needs model.quant.bits: the sparse-only format "
+            "(sparse-bitmask) is no longer read by transformers 5 / compressed-tensors>=0.15; set "
+            "model.quant.bits=4 (pack-quantized W4A16) or use pruned/"
+        )
 
 
 def folder_bytes(folder: str | Path) -> int:
@@ -100,12 +102,16 @@ def read_packed_qparams(packed_folder: str | Path) -> tuple[QuantConfig, dict[st
     packed_folder = Path(packed_folder)
     meta_file = packed_folder / "besa_packed.json"
     if not meta_file.exists():
-        raise BesaError(f"{EXPORT_SETTING}: {packed_folder} has no besa_packed.json; export from the run's packed/ "
-                        "folder, or pass the quantization parameters")
+        raise BesaError(
+            f"{EXPORT_SETTING}: {packed_folder} has no besa_packed.json; export from the run's packed/ "
+            "folder, or pass the quantization parameters"
+        )
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT:
-        raise BesaError(f"{EXPORT_SETTING}: {packed_folder} is a {meta.get('format')} folder, not {FORMAT}; "
-                        "rerun the pruning to rewrite packed/")
+        raise BesaError(
+            f"{EXPORT_SETTING}: {packed_folder} is a {meta.get('format')} folder, not {FORMAT}; "
+            "rerun the pruning to rewrite packed/"
+        )
     tensors: dict[str, Tensor] = {}
     for path in _weight_files(packed_folder):
         with safe_open(str(path), "pt") as handle:
@@ -113,8 +119,11 @@ def read_packed_qparams(packed_folder: str | Path) -> tuple[QuantConfig, dict[st
             for name in names:
                 if name.endswith((".scale", ".zero")):
                     tensors[name] = handle.get_tensor(name)
-    qparams = {name.removesuffix(".scale"): (tensor, tensors[name.removesuffix(".scale") + ".zero"])
-               for name, tensor in tensors.items() if name.endswith(".scale")}
+    qparams = {
+        name.removesuffix(".scale"): (tensor, tensors[name.removesuffix(".scale") + ".zero"])
+        for name, tensor in tensors.items()
+        if name.endswith(".scale")
+    }
     return QuantConfig(bits=meta["bits"], group_size=meta["group_size"]), qparams
 
 
@@ -133,8 +142,14 @@ def _scheme(quant: QuantConfig, targets: list[str]):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     grouped = quant.group_size is not None
-    weights = QuantizationArgs(num_bits=quant.bits, type="int", symmetric=False, dynamic=False,
-                               strategy="group" if grouped else "channel", group_size=quant.group_size)
+    weights = QuantizationArgs(
+        num_bits=quant.bits,
+        type="int",
+        symmetric=False,
+        dynamic=False,
+        strategy="group" if grouped else "channel",
+        group_size=quant.group_size,
+    )
     return QuantizationScheme(targets=targets, weights=weights)
 
 
@@ -142,22 +157,35 @@ def _check_grid(name: str, weight: Tensor, scale: Tensor, zero: Tensor, quant: Q
     rows, cols = weight.shape
     qmax = 2**quant.bits - 1
     if quant.group_size is not None and cols % quant.group_size:
-        raise BesaError(f"model.quant.group_size={quant.group_size}: compressed-tensors pack-quantized needs a group "
-                        f"size that divides every layer's input columns ({name} has {cols}); use a divisor of {cols}")
+        raise BesaError(
+            f"model.quant.group_size={quant.group_size}: compressed-tensors pack-quantized needs a group "
+            f"size that divides every layer's input columns ({name} has {cols}); use a divisor of {cols}"
+        )
     groups = 1 if quant.group_size is None else cols // quant.group_size
     if tuple(scale.shape) != (rows, groups) or tuple(zero.shape) != (rows, groups):
-        raise BesaError(f"{EXPORT_SETTING}: the quantization parameters of {name} have shape {tuple(scale.shape)}, not "
-                        f"{(rows, groups)} (model.quant.group_size={quant.group_size}); export with the run's own "
-                        "settings and packed/ folder")
+        raise BesaError(
+            f"{EXPORT_SETTING}: the quantization parameters of {name} have shape {tuple(scale.shape)}, not "
+            f"{(rows, groups)} (model.quant.group_size={quant.group_size}); export with the run's own "
+            "settings and packed/ folder"
+        )
     if not torch.equal(zero.float(), zero.float().round()) or zero.min() < 0 or zero.max() > qmax:
-        raise BesaError(f"{EXPORT_SETTING}: {name} has zero points outside [0, {qmax}] (a group whose weights all "
-                        f"have one sign), which compressed-tensors stores as {quant.bits}-bit integers; keep packed/ "
-                        "for this model or quantize it with min-max groups that include zero")
+        raise BesaError(
+            f"{EXPORT_SETTING}: {name} has zero points outside [0, {qmax}] (a group whose weights all "
+            f"have one sign), which compressed-tensors stores as {quant.bits}-bit integers; keep packed/ "
+            "for this model or quantize it with min-max groups that include zero"
+        )
 
 
 @torch.no_grad()
-def _compress_linear(name: str, weight: Tensor, scale: Tensor, zero: Tensor, quant: QuantConfig, scheme,
-                     device: str | torch.device = "cpu") -> dict[str, Tensor]:
+def _compress_linear(
+    name: str,
+    weight: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    quant: QuantConfig,
+    scheme,
+    device: str | torch.device = "cpu",
+) -> dict[str, Tensor]:
     """The layer's pack-quantized tensors (the library's compressor), checked against the weight."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.config import CompressionFormat
@@ -166,21 +194,31 @@ def _compress_linear(name: str, weight: Tensor, scale: Tensor, zero: Tensor, qua
     _check_grid(name, weight, scale, zero, quant)
     offset = 2 ** (quant.bits - 1)  # besa-pl's codes are unsigned, the format's signed
     weight = weight.to(device)
-    state = {"weight": weight.float(), "weight_scale": scale.to(device, torch.float32),
-             "weight_zero_point": (zero.to(device, torch.float32) - offset).to(torch.int8)}
+    state = {
+        "weight": weight.float(),
+        "weight_scale": scale.to(device, torch.float32),
+        "weight_zero_point": (zero.to(device, torch.float32) - offset).to(torch.int8),
+    }
     packed = compressor.compress(state, scheme)
     restored = compressor.decompress(packed, scheme)["weight"].to(weight.dtype)
     if not torch.equal(restored, weight):
         diff = (restored.float() - weight.float()).abs().max().item()
-        raise BesaError(f"{EXPORT_SETTING}: the quantization parameters do not reproduce the pruned weights of {name} "
-                        f"(largest difference {diff:.3g}); export the pruned/ and packed/ folders of the same run")
+        raise BesaError(
+            f"{EXPORT_SETTING}: the quantization parameters do not reproduce the pruned weights of {name} "
+            f"(largest difference {diff:.3g}); export the pruned/ and packed/ folders of the same run"
+        )
     packed["weight_scale"] = scale.to(weight.dtype)  # what a loader casts it to
     return {f"{name}.{key}": value.cpu().contiguous() for key, value in packed.items()}
 
 
-def write_compressed(pruned_folder: str | Path, out_folder: str | Path, quant: QuantConfig | None = None,
-                     qparams: dict[str, tuple[Tensor, Tensor]] | None = None,
-                     packed_folder: str | Path | None = None, device: str | torch.device = "cpu") -> CompressedExport:
+def write_compressed(
+    pruned_folder: str | Path,
+    out_folder: str | Path,
+    quant: QuantConfig | None = None,
+    qparams: dict[str, tuple[Tensor, Tensor]] | None = None,
+    packed_folder: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> CompressedExport:
     """Write `pruned_folder` (a Hugging Face folder, pruned weights exact zeros, quantized weights
     dequantized) to `out_folder` as a compressed-tensors `pack-quantized` checkpoint.
 
@@ -211,30 +249,42 @@ def write_compressed(pruned_folder: str | Path, out_folder: str | Path, quant: Q
         if packed_folder.exists():
             packed_quant, qparams = read_packed_qparams(packed_folder)
             if quant is not None and (quant.bits, quant.group_size) != (packed_quant.bits, packed_quant.group_size):
-                raise BesaError(f"{EXPORT_SETTING}: {packed_folder} holds bits={packed_quant.bits}, group_size="
-                                f"{packed_quant.group_size}, not model.quant.bits={quant.bits}, model.quant.group_size="
-                                f"{quant.group_size}; export the packed/ folder of the same run")
+                raise BesaError(
+                    f"{EXPORT_SETTING}: {packed_folder} holds bits={packed_quant.bits}, group_size="
+                    f"{packed_quant.group_size}, not model.quant.bits={quant.bits}, model.quant.group_size="
+                    f"{quant.group_size}; export the packed/ folder of the same run"
+                )
             quant = packed_quant
     check_export(quant)
     if qparams is None:
-        raise BesaError(f"{EXPORT_SETTING}: model.quant.bits={quant.bits} needs the quantization parameters; pass "
-                        f"them or export next to the run's packed/ folder (none at {packed_folder})")
+        raise BesaError(
+            f"{EXPORT_SETTING}: model.quant.bits={quant.bits} needs the quantization parameters; pass "
+            f"them or export next to the run's packed/ folder (none at {packed_folder})"
+        )
 
     config_dict = json.loads((pruned_folder / CONFIG_FILE).read_text())
     if "quantization_config" in config_dict:
-        raise BesaError(f"{EXPORT_SETTING}: {pruned_folder} already holds a quantized model "
-                        f"({config_dict['quantization_config'].get('quant_method')}); export a pruned/ folder")
+        raise BesaError(
+            f"{EXPORT_SETTING}: {pruned_folder} already holds a quantized model "
+            f"({config_dict['quantization_config'].get('quant_method')}); export a pruned/ folder"
+        )
     linears = _linear_modules(pruned_folder)
     unknown = sorted(set(qparams) - linears)
     if unknown:
-        raise BesaError(f"{EXPORT_SETTING}: {unknown[0]} has quantization parameters but is no linear layer of the "
-                        "model; export the pruned/ and packed/ folders of the same run")
+        raise BesaError(
+            f"{EXPORT_SETTING}: {unknown[0]} has quantization parameters but is no linear layer of the "
+            "model; export the pruned/ and packed/ folders of the same run"
+        )
     # Everything outside the blocks' prunable linears stays dense: embeddings and norms are not
     # Linear, and the Linear modules without quantization parameters (the LM head) are ignored.
     ignore = sorted(linears - set(qparams))
     scheme = _scheme(quant, ["Linear"])
-    qconfig = QuantizationConfig(config_groups={"group_0": scheme}, format=CompressionFormat.pack_quantized.value,
-                                 quantization_status=QuantizationStatus.COMPRESSED, ignore=ignore)
+    qconfig = QuantizationConfig(
+        config_groups={"group_0": scheme},
+        format=CompressionFormat.pack_quantized.value,
+        quantization_status=QuantizationStatus.COMPRESSED,
+        ignore=ignore,
+    )
 
     staging = out_folder.with_name(f".{out_folder.name}.partial-{os.getpid()}")
     if staging.exists():
@@ -264,8 +314,10 @@ def write_compressed(pruned_folder: str | Path, out_folder: str | Path, quant: Q
                 total += tensor.numel() * tensor.element_size()
         missing = sorted(set(qparams) - done)
         if missing:
-            raise BesaError(f"{EXPORT_SETTING}: {pruned_folder} has no weight for {missing[0]}, which has quantization "
-                            "parameters; export the pruned/ and packed/ folders of the same run")
+            raise BesaError(
+                f"{EXPORT_SETTING}: {pruned_folder} has no weight for {missing[0]}, which has quantization "
+                "parameters; export the pruned/ and packed/ folders of the same run"
+            )
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         for item in pruned_folder.iterdir():  # tokenizer, generation config, chat template, ...
@@ -278,7 +330,8 @@ def write_compressed(pruned_folder: str | Path, out_folder: str | Path, quant: Q
         # The sparsity lives in the codes; recorded as metadata the way llm-compressor does for a
         # quantized model with unstructured sparsity (format dense: no bitmask to decompress).
         written["quantization_config"][SPARSITY_CONFIG_NAME] = DenseSparsityConfig(
-            global_sparsity=sparsity, sparsity_structure="unstructured", targets=["Linear"], ignore=ignore).model_dump()
+            global_sparsity=sparsity, sparsity_structure="unstructured", targets=["Linear"], ignore=ignore
+        ).model_dump()
         # transformers' loading attribute, read from config.json by CompressedTensorsConfig.from_dict:
         # decompress while loading. Without it transformers 5.24 + compressed-tensors 0.20 refuse any
         # asymmetric pack-quantized checkpoint (the zero points are laid out unpacked on the meta
@@ -311,9 +364,16 @@ class CompressedTensorsExport(Callback):
         if not trainer.is_global_zero or not pruner.settings.pruning:
             return
         root = Path(trainer.default_root_dir)
-        export = write_compressed(root / "pruned", root / self.folder, pruner.settings.quant,
-                                  packed_folder=root / "packed", device=trainer.strategy.root_device)
+        export = write_compressed(
+            root / "pruned",
+            root / self.folder,
+            pruner.settings.quant,
+            packed_folder=root / "packed",
+            device=trainer.strategy.root_device,
+        )
         sizes = pruner.results.setdefault("bytes", {})
         sizes["compressed"] = export.bytes
-        console.print(f"compressed-tensors model written to {export.folder} ({export.bytes:,} bytes on disk"
-                      + (f"; fp16 would be {sizes['fp16']:,})" if "fp16" in sizes else ")"))
+        console.print(
+            f"compressed-tensors model written to {export.folder} ({export.bytes:,} bytes on disk"
+            + (f"; fp16 would be {sizes['fp16']:,})" if "fp16" in sizes else ")")
+        )

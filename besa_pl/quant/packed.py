@@ -33,8 +33,15 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return (planes << np.arange(bits, dtype=np.uint16)).sum(axis=1)
 
 
-def pack_linear(weight: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                bits: int, group_size: int | None, prefix: str) -> dict[str, torch.Tensor]:
+def pack_linear(
+    weight: torch.Tensor,
+    keep: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    prefix: str,
+) -> dict[str, torch.Tensor]:
     codes = quantize_codes(weight.float(), bits, group_size, scale, zero).reshape(weight.shape)
     kept = codes[keep].to(torch.int64).numpy()
     mask_bits = np.packbits(keep.numpy().reshape(-1).astype(np.uint8))
@@ -46,9 +53,13 @@ def pack_linear(weight: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor, z
     }
 
 
-def unpack_linear(tensors: dict[str, torch.Tensor], prefix: str, shape, bits: int, group_size: int | None) -> torch.Tensor:
+def unpack_linear(
+    tensors: dict[str, torch.Tensor], prefix: str, shape, bits: int, group_size: int | None
+) -> torch.Tensor:
     rows, cols = shape
-    keep = torch.from_numpy(np.unpackbits(tensors[f"{prefix}.mask"].numpy())[: rows * cols].astype(bool)).reshape(rows, cols)
+    keep = torch.from_numpy(np.unpackbits(tensors[f"{prefix}.mask"].numpy())[: rows * cols].astype(bool)).reshape(
+        rows, cols
+    )
     codes = torch.zeros(rows, cols, dtype=torch.float32)
     values = unpack_bits(tensors[f"{prefix}.codes"].numpy(), bits, int(keep.sum()))
     codes[keep] = torch.from_numpy(values.astype(np.float32))
@@ -74,8 +85,17 @@ class PackedWriter:
         for name, linear in linears.items():
             scale, zero = qparams[name]
             full = prefix + name
-            tensors.update(pack_linear(linear.weight.detach().cpu(), masks[name].cpu().bool(), scale.cpu(), zero.cpu(),
-                                       self.quant.bits, self.quant.group_size, full))
+            tensors.update(
+                pack_linear(
+                    linear.weight.detach().cpu(),
+                    masks[name].cpu().bool(),
+                    scale.cpu(),
+                    zero.cpu(),
+                    self.quant.bits,
+                    self.quant.group_size,
+                    full,
+                )
+            )
         for name, tensor in block.state_dict().items():
             if name.removesuffix(".weight") not in linears:
                 tensors[prefix + name] = tensor.detach().cpu().to(torch.float16)
@@ -83,8 +103,12 @@ class PackedWriter:
 
     def finish(self, outer: dict[str, torch.Tensor], config, tokenizer, dtype: torch.dtype) -> Path:
         self.shards.write(self.shards.shards - 1, {k: v.detach().cpu().to(torch.float16) for k, v in outer.items()})
-        meta = {"format": FORMAT, "bits": self.quant.bits, "group_size": self.quant.group_size,
-                "dtype": str(dtype).removeprefix("torch.")}
+        meta = {
+            "format": FORMAT,
+            "bits": self.quant.bits,
+            "group_size": self.quant.group_size,
+            "dtype": str(dtype).removeprefix("torch."),
+        }
         return self.shards.finish(config, tokenizer, {"besa_packed.json": json.dumps(meta, indent=2)})
 
 
@@ -101,7 +125,7 @@ def load_packed(folder: str | Path):
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     store = WeightStore(folder)
     tensors = {name: store.get(name) for name in store.files}
-    state = {name: tensor for name, tensor in tensors.items() if not name.rsplit(".", 1)[-1] in PACKED_PARTS}
+    state = {name: tensor for name, tensor in tensors.items() if name.rsplit(".", 1)[-1] not in PACKED_PARTS}
     shapes = dict(model.state_dict().items())
     for prefix in {name.rsplit(".", 1)[0] for name in tensors if name.endswith(".codes")}:
         shape = shapes[f"{prefix}.weight"].shape
@@ -109,5 +133,3 @@ def load_packed(folder: str | Path):
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     model.tie_weights()
     return model.eval(), AutoTokenizer.from_pretrained(folder)
-
-

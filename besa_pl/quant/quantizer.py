@@ -54,7 +54,9 @@ def _grouped(weight: Tensor, group_size: int | None) -> Tensor:
     return weight.reshape(rows, cols // size, size)
 
 
-def quant_params(weight: Tensor, bits: int, group_size: int | None, gamma: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+def quant_params(
+    weight: Tensor, bits: int, group_size: int | None, gamma: Tensor, delta: Tensor
+) -> tuple[Tensor, Tensor]:
     """(scale h, zero-point z) per group, from clipped min/max (gamma, delta broadcast per group)."""
     groups = _grouped(weight.float(), group_size)
     qmax = 2**bits - 1
@@ -95,7 +97,9 @@ def rtn(weight: Tensor, bits: int, group_size: int | None) -> Tensor:
 class LearnableClipQuantizer(nn.Module):
     """Parametrization W -> Q(W) with two clipping logits per group."""
 
-    def __init__(self, shape: torch.Size, bits: int, group_size: int | None, init: float = 4.0, learn: bool = True) -> None:
+    def __init__(
+        self, shape: torch.Size, bits: int, group_size: int | None, init: float = 4.0, learn: bool = True
+    ) -> None:
         super().__init__()
         rows, cols = shape
         groups = 1 if group_size is None else cols // group_size
@@ -133,7 +137,9 @@ def apply_params(weight: Tensor, bits: int, group_size: int | None, scale: Tenso
 
 
 @torch.no_grad()
-def burn_in(weight: Tensor, keep: Tensor, config: QuantConfig, scale: Tensor | None = None, zero: Tensor | None = None) -> None:
+def burn_in(
+    weight: Tensor, keep: Tensor, config: QuantConfig, scale: Tensor | None = None, zero: Tensor | None = None
+) -> None:
     """In place: W <- Q(W) * keep (Q skipped without quantization). The one rule for finishing a
     block, for the joint baselines and for replaying finished blocks on resume."""
     if config.enabled:
