@@ -10,12 +10,8 @@ import os
 import sys
 
 from besa_pl import __version__
+from besa_pl.commands import DESCRIPTION, SUBCOMMANDS
 
-# Also the LightningCLI parser's (besa_pl.lightning_cli), for `besa-pl fit --help`.
-DESCRIPTION = "besa-pl: prune a causal language model with BESA (or a one-shot baseline), block by block."
-SUBCOMMANDS = {
-    "fit": "Prune a model and evaluate it as the config's callbacks say (besa-pl fit --config cli.yaml).",
-}
 HELP_FLAGS = ("-h", "--help")
 
 

@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from besa_pl import __version__
 from besa_pl.besa.pruner import BESAPruner
-from besa_pl.cli import DESCRIPTION, SUBCOMMANDS
+from besa_pl.commands import DESCRIPTION, SUBCOMMANDS
 from besa_pl.compat import KeepCommandLineOnResume
 from besa_pl.console import console, quiet_third_party
 from besa_pl.data.calibration import CalibrationDataModule
