@@ -24,7 +24,7 @@ def stage(message: str) -> None:
     """One line per stage (writing calibration text, capture, evaluation) when stderr is not a terminal:
     a redirected log is never silent for minutes while a terminal shows the progress bars instead."""
     if not console.is_terminal:
-        console.print(message)
+        console.print(message, soft_wrap=True)  # one line however long, for log readers
 
 
 _quiet = {"third_party": False}
