@@ -4,7 +4,7 @@ import json
 
 import yaml
 
-from besa_pl.eval.model_card import base_model, front_matter
+from besa_pl.eval.model_card import base_model, front_matter, model_card
 
 from .conftest import fit_args, run_cli
 
@@ -24,6 +24,13 @@ def test_the_named_models_name_their_hub_base_and_say_the_weights_were_a_gguf():
     meta = front_matter("demo", "besa", "2:4")
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert meta["tags"] == ["pruned", "sparse", "besa", "besa-pl", "2-4-sparsity"]
+    card = model_card(
+        "demo",
+        {"method": "besa", "settings": {}},
+        {"blocks": {}},
+        {"dataset": "self", "nsamples": 64, "seqlen": 256, "seed": 0, "source": ""},
+    )
+    assert "\n# SmolLM2-135M-Instruct pruned with besa-pl\n" in card
 
 
 def test_a_run_writes_a_card_with_front_matter_sparsity_calibration_and_results(tiny_model_dir, tmp_path, monkeypatch):

@@ -65,13 +65,14 @@ def model_card(pretrained: str, results: dict[str, Any], sparsity: dict[str, Any
     """The card's text: YAML front matter, then how the model was made and what this run measured."""
     settings = results.get("settings", {})
     method, structure = results.get("method", "besa"), settings.get("structure")
-    _, origin = base_model(pretrained)
+    base, origin = base_model(pretrained)
+    title = (base or pretrained).rstrip("/").split("/")[-1].removesuffix(".gguf")
     lines = [
         "---",
         yaml.safe_dump(front_matter(pretrained, method, structure), sort_keys=False).strip(),
         "---",
         "",
-        f"# {Path(pretrained).name} pruned with besa-pl",
+        f"# {title} pruned with besa-pl",
         "",
         f"{results.get('variant', method)}, applied by [besa-pl](https://pypi.org/project/besa-pl/) to {origin}. "
         + (CITATIONS[method] + " " if method in CITATIONS else "")
