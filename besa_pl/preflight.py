@@ -5,7 +5,7 @@
 - the output folder can be created and written to;
 - the calibration activations (docs/memory.md: 2 or 3 buffers of N x T x H) fit in the RAM.
 
-Only the standard library and psutil: reading the headers never maps a weight.
+Reading the headers never maps a weight.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from besa_pl.errors import BesaError
+from besa_pl.models.memory import available_bytes
 from besa_pl.offline import cache_dir
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -135,9 +136,7 @@ def activation_bytes(
 
 
 def available_ram_bytes() -> int:
-    import psutil
-
-    return int(psutil.virtual_memory().available)
+    return available_bytes("cpu")
 
 
 def _gb(count: int) -> str:
