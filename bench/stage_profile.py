@@ -28,6 +28,7 @@ from besa_pl import BESAPruner, CalibrationDataModule, make_trainer
 from besa_pl.besa.block import BESABlock
 from besa_pl.besa.pruner import BESAPruner as PrunerClass
 from besa_pl.closedform import reconstruction
+from besa_pl.eval.perplexity import PerplexityEval
 from besa_pl.loop import blockwise_loop
 from besa_pl.models.source import ModelSource
 from besa_pl.models.weights import ShardWriter
@@ -94,6 +95,12 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--ppl-windows",
+        type=int,
+        default=0,
+        help="after the timed pruning, WikiText2 perplexity on the first N windows of 2048 (needs the data folder)",
+    )
     args = parser.parse_args()
 
     seconds: dict[str, float] = defaultdict(float)
@@ -101,22 +108,37 @@ def main() -> None:
     for label, _parent, owner, name in STAGES:
         setattr(owner, name, timed(seconds, calls, label, getattr(owner, name)))
 
+    # The wall time ends when the pruned folder is written, before any evaluation.
+    ended: list[float] = []
+    finish = blockwise_loop.BlockwiseLoop.finish
+
+    def finish_and_stop_clock(self, trainer, pruner):
+        finish(self, trainer, pruner)
+        ended.append(time.perf_counter())
+
+    blockwise_loop.BlockwiseLoop.finish = finish_and_stop_clock
+
     pruner = BESAPruner(args.model, method=args.method, sparsity=args.sparsity, reconstruct=args.reconstruct)
     data = CalibrationDataModule(args.dataset, args.nsamples, args.seqlen, data_dir=args.data_dir)
+    callbacks = [PerplexityEval(["wikitext2"], max_windows=args.ppl_windows)] if args.ppl_windows else []
     with tempfile.TemporaryDirectory() as root:
         trainer = make_trainer(
             root,
+            callbacks,
             accelerator="cpu" if not torch.cuda.is_available() else "auto",
             logger=False,
             enable_progress_bar=False,
         )
         start = time.perf_counter()
         trainer.fit(pruner, datamodule=data)
-        wall = time.perf_counter() - start
+        wall = ended[0] - start
+    ppl = pruner.results.get("perplexity", {}).get("wikitext2")
     blocks = pruner.num_blocks
     print(
         f"\n{pruner.settings.variant()}, {args.model}, {args.nsamples} x {args.seqlen} {args.dataset}: "
-        f"{wall:.1f} s wall, {blocks} blocks, {json.dumps(environment())}\n"
+        f"{wall:.1f} s wall, {blocks} blocks, {json.dumps(environment())}"
+        + (f"; WikiText2 {ppl:.3f} on the first {args.ppl_windows} windows of 2048" if ppl is not None else "")
+        + "\n"
     )
     print("| stage | calls | s total | s per block | share of wall |\n|---|---|---|---|---|")
     for label, _parent, _owner, _name in STAGES:
@@ -140,6 +162,7 @@ def main() -> None:
             json.dumps(
                 {
                     "wall": wall,
+                    "wikitext2": ppl,
                     "blocks": blocks,
                     "seconds": seconds,
                     "calls": calls,
