@@ -143,3 +143,28 @@ def test_fast_straight_through_gradient_equals_the_reference_construction(granul
     reference = straight_through(allocation.hard_mask(), allocation.soft_mask())
     (G * reference).sum().backward()
     assert torch.allclose(fast, allocation.logits.grad, atol=1e-6)
+
+
+def test_masked_weight_gradients_to_the_logits_and_the_weight_match_the_soft_mask_construction():
+    allocation = random_allocation(rows=9, cols=31, seed=6)
+    g = torch.Generator().manual_seed(8)
+    weight, G = torch.randn(9, 31, generator=g).requires_grad_(True), torch.randn(9, 31, generator=g)
+    (G * allocation(weight)).sum().backward()
+    fast_logits, fast_weight = allocation.logits.grad.clone(), weight.grad.clone()
+    allocation.logits.grad, weight.grad = None, None
+    (G * weight * straight_through(allocation.hard_mask(), allocation.soft_mask())).sum().backward()
+    assert torch.allclose(fast_logits, allocation.logits.grad, atol=1e-6)
+    assert torch.equal(fast_weight, weight.grad)  # G * hard mask: a quantizer's clipping logits get it
+
+
+def test_hard_keep_rebuilds_exactly_the_rows_whose_count_changed():
+    allocation = random_allocation(seed=2)
+    first = allocation.hard_keep(torch.float32)
+    before = first.clone()
+    assert torch.equal(first, allocation.hard_mask().float())
+    with torch.no_grad():
+        allocation.logits[3].add_(torch.linspace(-4, 4, allocation.logits.shape[1]))
+    changed = allocation.hard_keep(torch.float32)
+    assert torch.equal(changed, allocation.hard_mask().float())  # the same mask as built from scratch
+    assert not torch.equal(changed[3], before[3]) and torch.equal(changed[:3], before[:3])
+    assert allocation.hard_keep(torch.bfloat16).dtype == torch.bfloat16

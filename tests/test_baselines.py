@@ -40,3 +40,27 @@ def test_a_hessian_that_is_not_positive_definite_gets_more_damping_and_a_log_lin
     upper = damped_inverse_cholesky(hessian, 0.01, log=messages.append)
     assert torch.isfinite(upper).all()
     assert messages and "not positive definite" in messages[0] and "retrying with 10x more" in messages[0]
+
+
+def test_linears_on_one_input_share_one_gram_with_the_values_each_would_take_alone(tiny_model_dir):
+    from besa_pl.models.activations import capture_block_inputs
+    from besa_pl.models.loading import decoder_blocks, load_model, prunable_linears
+    from besa_pl.oneshot.importance import reference_pass
+
+    model, _ = load_model(str(tiny_model_dir("llama")), "float32")
+    tokens = torch.randint(0, 512, (3, 32), generator=torch.Generator().manual_seed(0))
+    cache = capture_block_inputs(model, tokens)
+    block = decoder_blocks(model)[1]
+    _, shared = reference_pass(block, cache.inputs, cache.block_kwargs[1], "cpu", gram=True)
+    attn, mlp = "self_attn.{}_proj", "mlp.{}_proj"
+    assert shared[attn.format("q")].hessian is shared[attn.format("k")].hessian is shared[attn.format("v")].hessian
+    assert shared[mlp.format("gate")].hessian is shared[mlp.format("up")].hessian
+    assert shared[attn.format("o")].hessian is not shared[attn.format("q")].hessian
+    # Each linear's Gram taken on its own, with no sharing: the same values, bit for bit.
+    alone = {name: InputStatistics(linear, gram=True) for name, linear in prunable_linears(block).items()}
+    with torch.no_grad():
+        for i in range(cache.inputs.shape[0]):
+            block(cache.inputs[i : i + 1], **cache.block_kwargs[1])
+    for name, stats in alone.items():
+        stats.remove()
+        assert torch.equal(stats.hessian, shared[name].hessian), name

@@ -152,6 +152,25 @@ def test_swaps_keep_every_rows_count_and_lower_the_error_of_the_exact_solve():
     assert objective(refined).sum() < 0.97 * objective(solved).sum()
 
 
+def test_swap_rounds_stop_once_a_round_gains_less_than_the_tolerance():
+    x = correlated_inputs()
+    h = gram(x)
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(13))
+    swept, keep, _ = obs_sweep(
+        weight, h, select=RowBudgetSelect(torch.rand(16, 64, generator=torch.Generator().manual_seed(14)) > 0.5)
+    )
+    solved = masked_least_squares(swept, weight, h, keep, iterations=200)
+    damped = h + 0.01 * torch.diag(h).mean() * torch.eye(64)
+    objective = lambda w: float((((w - weight) @ damped) * (w - weight)).sum())  # noqa: E731
+    one_round = swap_refine(solved, weight, h, keep, rounds=1, tolerance=0.0)
+    # Any gain is below a tolerance of 100%: the rounds stop after the first.
+    assert torch.equal(swap_refine(solved, weight, h, keep, rounds=10, tolerance=1.0)[1], one_round[1])
+    every_round = swap_refine(solved, weight, h, keep, rounds=10, tolerance=0.0)
+    default = swap_refine(solved, weight, h, keep, rounds=10)
+    assert objective(every_round[0]) < objective(one_round[0])  # later rounds do gain here
+    assert objective(default[0]) <= objective(every_round[0]) * (1 + 1e-2)
+
+
 @pytest.fixture(scope="module")
 def tiny_block(tiny_model_dir):
     model, _ = load_model(str(tiny_model_dir("llama")))

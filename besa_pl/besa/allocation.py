@@ -84,17 +84,6 @@ def rank_space_keep_prob(beta: Tensor, thresholds: Tensor, columns: int) -> Tens
     return 1.0 - at_least[:, 1:]
 
 
-def rank_space_keep_prob_reversed(beta: Tensor, thresholds: Tensor, columns: int) -> Tensor:
-    """The same u, in reversed rank order (column m holds rank C-1-m), with no flip.
-
-    Binning beta at C - c_d and taking a plain cumulative sum gives, at m, the sum of beta_d
-    with c_d >= C - m, i.e. with c_d > j for j = C-1-m: the flips of the literal form vanish.
-    """
-    bins = beta.new_zeros(beta.shape[0], columns + 1)
-    bins.index_add_(1, columns - thresholds, beta)
-    return 1.0 - bins.cumsum(dim=1)[:, :columns]
-
-
 def gather_by_rank(u: Tensor, ranks: Tensor) -> Tensor:
     """P[r, c] = u[group(r), rank[r, c]], with int32 ranks (no int64 copy of the rank matrix)."""
     rows, columns = ranks.shape
@@ -109,28 +98,35 @@ def straight_through(hard: Tensor, soft: Tensor) -> Tensor:
     return hard.float() + (soft - soft.detach())
 
 
-class _StraightThroughMask(torch.autograd.Function):
-    """Forward: the hard mask. Backward: the soft mask's gradient, taken in rank space.
+class _MaskedWeight(torch.autograd.Function):
+    """Forward: the weight times the hard mask. Backward: the soft mask's gradient, in rank space.
 
-    Same gradient as straight_through(hard, gather_by_rank(u, ranks)), without materialising P:
-    P - sg(P) is zero in the forward pass, and d/du of the gather is a permutation, so the
-    gradient is the incoming one read in rank order (a gather by the inverse permutation),
-    summed over the rows that share u. No scatter-add, which is slow on CPUs.
+    The same gradient as weight * straight_through(hard, gather_by_rank(u, ranks)), with no soft
+    mask in the forward pass at all: its value is never used there (P - sg(P) = 0), so u is not
+    built. In backward, the mask's gradient G * W is read in rank order (a gather by the inverse
+    permutation: no scatter-add, which is slow on CPUs), summed over the rows that share beta, and
+    d u_j / d beta_d = -[j < c_d] makes the gradient of beta_d minus the sum over ranks below c_d:
+    one prefix sum per row, read at the thresholds.
     """
 
     @staticmethod
-    def forward(ctx, u: Tensor, hard: Tensor, order_flat: Tensor) -> Tensor:
-        ctx.save_for_backward(order_flat)
-        ctx.groups = u.shape[0]
-        return hard.float()
+    def forward(ctx, weight: Tensor, beta: Tensor, keep: Tensor, order_flat: Tensor, thresholds: Tensor) -> Tensor:
+        ctx.save_for_backward(weight, keep, order_flat, thresholds)
+        ctx.groups = beta.shape[0]
+        return weight * keep
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (order_flat,) = ctx.saved_tensors
-        in_rank_order = grad.reshape(-1)[order_flat]
-        if ctx.groups == 1:
-            in_rank_order = in_rank_order.sum(dim=0, keepdim=True)
-        return in_rank_order, None, None
+        weight, keep, order_flat, thresholds = ctx.saved_tensors
+        grad_weight = grad * keep if ctx.needs_input_grad[0] else None
+        grad_beta = None
+        if ctx.needs_input_grad[1]:
+            in_rank_order = (grad * weight).float().reshape(-1)[order_flat]
+            if ctx.groups == 1:
+                in_rank_order = in_rank_order.sum(dim=0, keepdim=True)
+            below = torch.nn.functional.pad(in_rank_order.cumsum(dim=1), (1, 0))  # below[:, k]: ranks < k
+            grad_beta = -below.index_select(1, thresholds)
+        return grad_weight, grad_beta, None, None, None
 
 
 class SparsityAllocation(nn.Module):
@@ -159,14 +155,15 @@ class SparsityAllocation(nn.Module):
         groups = rows if granularity == "row" else 1
         ranks = ranks.to(torch.int32)
         self.register_buffer("ranks", ranks, persistent=False)
-        # Flat index of the column holding rank C-1-m at position m of row r (int32, like the
-        # ranks): reads a gradient in the reversed rank order of rank_space_keep_prob_reversed.
-        order = torch.argsort(ranks, dim=1).flip(1).to(torch.int32)
+        # Flat index of the column holding rank m at position m of row r (int32, like the ranks):
+        # reads the mask's gradient in rank order.
+        order = torch.argsort(ranks, dim=1).to(torch.int32)
         offsets = torch.arange(rows, dtype=torch.int32, device=ranks.device).view(-1, 1) * columns
         self.register_buffer("order_flat", order + offsets, persistent=False)
         self.register_buffer("rates", rates.float(), persistent=False)
         self.register_buffer("thresholds", torch.floor(rates.double() * columns).long(), persistent=False)
         self.logits = nn.Parameter(torch.zeros(groups, rates.numel()))
+        self._keep: tuple[Tensor, Tensor] | None = None  # (prune counts, hard keep-mask) of the last step
 
     def beta(self) -> Tensor:
         return mixture_weights(self.logits, self.smoothing, self.smoothing_scale)
@@ -193,15 +190,33 @@ class SparsityAllocation(nn.Module):
         u = rank_space_keep_prob(self.beta(), self.thresholds, self.columns)
         return gather_by_rank(u, self.ranks)
 
+    def hard_keep(self, dtype: torch.dtype) -> Tensor:
+        """The hard keep-mask as numbers of `dtype`, kept from step to step: only the rows whose prune
+        count changed are rebuilt (a step moves few rows' counts)."""
+        with torch.no_grad():
+            counts = prune_counts(self.row_alpha(), self.columns)
+            cached = self._keep
+            if cached is None or cached[1].dtype != dtype or cached[1].device != counts.device:
+                self._keep = (counts, hard_keep_mask(self.ranks, counts).to(dtype))
+                return self._keep[1]
+            old, keep = cached
+            changed = torch.nonzero(old != counts).flatten()
+            if changed.numel():
+                keep[changed] = hard_keep_mask(self.ranks[changed], counts[changed]).to(dtype)
+                self._keep = (counts, keep)
+            return keep
+
     def mask(self) -> Tensor:
         """Straight-through mask: forward value is the hard mask, gradient via the soft one."""
-        u = rank_space_keep_prob_reversed(self.beta(), self.thresholds, self.columns)
-        return _StraightThroughMask.apply(u, self.hard_mask(), self.order_flat)
+        ones = torch.ones((), device=self.ranks.device).expand(self.ranks.shape)
+        return _MaskedWeight.apply(ones, self.beta(), self.hard_keep(torch.float32), self.order_flat, self.thresholds)
 
     def forward(self, weight: Tensor) -> Tensor:
+        """weight * the straight-through mask (the mask's arithmetic in fp32, its product in the weight's dtype)."""
         with torch.autocast(weight.device.type, enabled=False):
-            mask = self.mask()
-        return weight * mask.to(weight.dtype)
+            return _MaskedWeight.apply(
+                weight, self.beta(), self.hard_keep(weight.dtype), self.order_flat, self.thresholds
+            )
 
 
 @torch.no_grad()

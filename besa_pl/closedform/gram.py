@@ -15,6 +15,7 @@ class RunningGram:
     def __init__(self, columns: int, device) -> None:
         self.value = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.tokens = 0
+        self._combined = False
 
     @torch.no_grad()
     def add(self, x: Tensor, x_left: Tensor | None = None) -> None:
@@ -25,6 +26,9 @@ class RunningGram:
         self.tokens = total
 
     def combine_ranks(self) -> Tensor:
-        """Under DDP: the mean over every rank's tokens (unchanged on one process). Returns the Gram."""
-        self.value, self.tokens = mean_over_ranks(self.value, self.tokens)
+        """Under DDP: the mean over every rank's tokens (unchanged on one process), once however often
+        it is asked (linears that share this Gram each ask). Returns the Gram."""
+        if not self._combined:
+            self.value, self.tokens = mean_over_ranks(self.value, self.tokens)
+            self._combined = True
         return self.value

@@ -12,6 +12,10 @@ Each round, every row pairs its most promising revivals (largest G_j^2 / H_jj) w
 removals (smallest w_i^2 H_ii - 2 w_i G_i), applies the pairs that lower f, solves the kept
 weights again (a few warm-started conjugate-gradient steps) and keeps the round only for rows
 whose objective went down. Row counts, and so the exact sparsity, never change.
+
+The rounds stop early once one lowers the layer's objective by less than `tolerance` (0.1%) of it:
+on the demo model's blocks (C4 calibration Grams, `bench/closedform_cost.py`) rounds 5 to 10
+together lower it by under 0.05%, at 60% of the swaps' time.
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ def swap_refine(
     percdamp: float = 0.01,
     pairs_per_round: int | None = None,
     iterations: int = 5,
+    tolerance: float = 1e-3,
 ) -> tuple[Tensor, Tensor]:
     """(weights, keep-mask) after up to `rounds` rounds of swaps, from solved weights `weight`
-    (zero where `keep` is False) and the dense weights `start`. Inputs that are never active are
-    left out of the swaps. Returns fp32 weights, pruned entries exactly 0."""
+    (zero where `keep` is False) and the dense weights `start`, stopping after a round that lowers
+    the summed objective by less than `tolerance` of it. Inputs that are never active are left out
+    of the swaps. Returns fp32 weights, pruned entries exactly 0."""
     h, alive = damped_gram(hessian, percdamp)
     start = start.float()
     w = weight.float() * keep
@@ -75,5 +81,8 @@ def swap_refine(
         keep = torch.where(better.view(-1, 1), trial_keep, keep)
         w = torch.where(better.view(-1, 1), trial, w)
         gradient = torch.where(better.view(-1, 1), trial_gradient, gradient)
+        before = float(objective.sum())
         objective = torch.where(better, trial_objective, objective)
+        if before - float(objective.sum()) < tolerance * before:
+            break
     return w * keep, keep

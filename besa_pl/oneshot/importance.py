@@ -17,32 +17,50 @@ from besa_pl.models.loading import prunable_linears
 from besa_pl.ranks import mean_over_ranks
 
 
+class SharedGrams:
+    """Linears called on the very same input tensor (q/k/v, gate/up) share one Gram, so a block's
+    reference pass takes 4 Grams instead of 7, with the same values (each would have summed the
+    same products in the same order)."""
+
+    def __init__(self) -> None:
+        self.last_input: Tensor | None = None
+        self.last_gram: RunningGram | None = None
+
+
 class InputStatistics:
     """Streaming fp32 statistics of a linear layer's inputs over the calibration tokens.
 
     `col_sq` is the running mean over sequences of each input feature's squared L2 norm (Wanda);
     with `gram=True` SparseGPT's Hessian X X^T is accumulated as well (`RunningGram`: the mean over
-    tokens; SparseGPT's 2 X X^T / n differs only by a scale, which its relative damping cancels).
+    tokens; SparseGPT's 2 X X^T / n differs only by a scale, which its relative damping cancels),
+    shared with the linears before it on the same input when they use one `shared` pool.
     """
 
-    def __init__(self, linear: nn.Linear, gram: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, gram: bool = False, shared: SharedGrams | None = None) -> None:
         columns = linear.in_features
         device = linear.weight.device
         self.col_sq = torch.zeros(columns, dtype=torch.float32, device=device)
         self._gram = RunningGram(columns, device) if gram else None
+        self._shared = shared
         self.samples = 0
         self._handle = linear.register_forward_hook(self._hook)
 
     @torch.no_grad()
     def _hook(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
-        x = inputs[0].detach()
-        batch = x.shape[0] if x.dim() > 2 else 1
-        x = x.reshape(-1, x.shape[-1]).float()
+        original = inputs[0]
+        batch = original.shape[0] if original.dim() > 2 else 1
+        x = original.detach().reshape(-1, original.shape[-1]).float()
         total = self.samples + batch
         # Running means, as the reference code does, so the scale does not grow with N.
         self.col_sq.mul_(self.samples / total).add_(x.pow(2).sum(dim=0), alpha=1.0 / total)
         if self._gram is not None:
-            self._gram.add(x)
+            shared = self._shared
+            if shared is not None and shared.last_input is original:
+                self._gram = shared.last_gram  # the same Gram object at every sample
+            else:
+                self._gram.add(x)
+                if shared is not None:
+                    shared.last_input, shared.last_gram = original, self._gram
         self.samples = total
 
     @property
@@ -102,12 +120,14 @@ def importance_scores(metric: str, weight: Tensor, stats: InputStatistics, percd
 def reference_pass(block: nn.Module, inputs: Tensor, kwargs: dict, device, gram: bool = False):
     """The dense block on the current inputs: its outputs, and every linear's input statistics."""
     linears = prunable_linears(block)
-    stats = {name: InputStatistics(linear, gram=gram) for name, linear in linears.items()}
+    shared = SharedGrams()
+    stats = {name: InputStatistics(linear, gram=gram, shared=shared) for name, linear in linears.items()}
     try:
         outputs = run_block(block, inputs, kwargs, device)
     finally:
         for stat in stats.values():
             stat.remove()
+        shared.last_input = None
     for stat in stats.values():
         stat.combine_ranks()
     return outputs, stats
