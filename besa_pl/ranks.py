@@ -29,25 +29,22 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def mean_over_ranks(mean: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
-    """Combine per-rank running means of `count` items into the mean over all ranks' items.
-    On one process nothing changes, bit for bit."""
+def sum_over_ranks(total: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+    """(the sum over ranks of `total`, of `count`): per-rank sums of samples combined. On one process
+    nothing changes, bit for bit."""
     if world_size() == 1:
-        return mean, count
-    total = torch.tensor([float(count)], device=mean.device, dtype=torch.float64)
-    all_reduce_sum_(total)
-    combined = all_reduce_sum_(mean * count)
-    return combined / total.item(), int(total.item())
+        return total, count
+    counts = torch.tensor([float(count)], device=total.device, dtype=torch.float64)
+    all_reduce_sum_(counts)
+    return all_reduce_sum_(total), int(counts.item())
 
 
-def all_reduce_gradients(parameters: list[torch.nn.Parameter]) -> None:
-    """One all-reduce (sum) of all trainable tensors' gradients, flattened together."""
-    if world_size() == 1:
+def all_reduce_sum_flat_(tensors: list[torch.Tensor]) -> None:
+    """In place: each tensor's sum over ranks, in one all-reduce of them all flattened together."""
+    if world_size() == 1 or not tensors:
         return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    all_reduce_sum_(flat)
+    flat = all_reduce_sum_(torch.cat([t.reshape(-1) for t in tensors]))
     offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
+    for tensor in tensors:
+        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()

@@ -92,7 +92,8 @@ class PruneSettings:
             them: SparseGPT's update, which never moves a kept weight left of a pruned one).
         reconstruct_swaps: with the exact solve, up to this many rounds of swaps of a pruned and a
             kept weight inside each row, scored by the exact change of the least-squares error and
-            kept only where the error falls (DSnoT-style; row counts unchanged); 0 = off.
+            kept only where the error falls (DSnoT-style; row counts unchanged); the rounds stop once
+            one lowers a layer's error by under 0.1%; 0 = off.
         percdamp: SparseGPT's damping, lambda = percdamp x the mean diagonal of each input Gram, in
             every OBS sweep and solve; larger values keep the kept weights closer to their dense
             values. None (default): 0.01 for the SparseGPT baseline (as published); for the

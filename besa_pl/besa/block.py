@@ -16,6 +16,7 @@ from besa_pl.besa.allocation import (
     prune_counts,
 )
 from besa_pl.besa.loss import reconstruction_loss, sparsity_penalty
+from besa_pl.closedform.gram import exact_sum_dtype
 from besa_pl.models.loading import call_block, prunable_linears
 from besa_pl.quant.quantizer import LearnableClipQuantizer, burn_in
 from besa_pl.settings import PruneSettings
@@ -88,6 +89,41 @@ class BESABlock(L.LightningModule):
         if ranks == 1 and not math.isfinite(self.last_metrics["loss"]):  # across ranks: see BESAPruner
             raise FloatingPointError(f"loss became {self.last_metrics['loss']} at step {batch_idx}")
         return loss
+
+    def summed_gradients(
+        self, inputs: Tensor, targets: Tensor, norms_squared: Tensor, backward, with_penalty: bool
+    ) -> tuple[list[Tensor], float, float]:
+        """The gradients of this rank's share of the objective, one backward per sample, summed in
+        float64 (`backward` is the caller's, e.g. Lightning's manual_backward): each sample's
+        reconstruction term with the micro-batch's `norms_squared`, and, `with_penalty`, the sparsity
+        penalty once. Summing the very same per-sample gradients exactly, one process holding the
+        micro-batch and R ranks holding one share each get the same gradients, bit for bit.
+        Returns (a sum per trainable tensor, the reconstruction terms' sum, the expected sparsity)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        sums = [torch.zeros_like(p, dtype=exact_sum_dtype(p.device)) for p in params]
+
+        def add(loss: Tensor) -> None:
+            backward(loss)
+            for total, p in zip(sums, params):
+                if p.grad is not None:
+                    total += p.grad
+                    p.grad = None
+
+        reconstruction = 0.0
+        for i in range(inputs.shape[0]):
+            rec = reconstruction_loss(self(inputs[i : i + 1]), targets[i : i + 1], norms_squared)
+            reconstruction += rec.item()
+            if math.isfinite(reconstruction):
+                add(rec)
+        expected = self.expected_sparsity()
+        if with_penalty:
+            s = self.settings
+            add(sparsity_penalty(expected, s.sparsity, s.penalty_weight, s.penalty_form))
+        return sums, reconstruction, expected.item()
+
+    def penalty(self) -> float:
+        s = self.settings
+        return float(sparsity_penalty(self.expected_sparsity(), s.sparsity, s.penalty_weight, s.penalty_form))
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """The logits' optimizer, and AdamW for the clipping logits when they are learned."""

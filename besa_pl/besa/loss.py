@@ -9,10 +9,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from besa_pl.closedform.gram import exact_sum_dtype
+
+
+def channel_square_sums(target: Tensor) -> Tensor:
+    """sum over the micro-batch's tokens of Y[:, h]^2, per hidden channel h: each sample's sum in
+    fp32, their sum in float64, so that splitting the micro-batch over DDP ranks (and all-reducing
+    these) gives the very norms of one process holding every sample."""
+    y = target.detach().float()
+    per_sample = y.reshape(y.shape[0] if y.dim() > 2 else 1, -1, y.shape[-1]).pow(2).sum(dim=1)
+    return per_sample.to(exact_sum_dtype(y.device)).sum(dim=0)
+
 
 def channel_norms_squared(target: Tensor) -> Tensor:
-    """sum over the micro-batch's tokens of Y[:, h]^2, per hidden channel h (fp32)."""
-    return target.detach().float().reshape(-1, target.shape[-1]).pow(2).sum(dim=0)
+    """`channel_square_sums` rounded to fp32."""
+    return channel_square_sums(target).float()
 
 
 def reconstruction_loss(output: Tensor, target: Tensor, norms_squared: Tensor | None = None) -> Tensor:

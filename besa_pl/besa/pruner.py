@@ -15,11 +15,11 @@ import lightning as L
 import torch
 
 from besa_pl.besa.block import BESABlock
-from besa_pl.besa.loss import channel_norms_squared
+from besa_pl.besa.loss import channel_square_sums
 from besa_pl.errors import BesaError
 from besa_pl.models.activations import ActivationCache
 from besa_pl.models.source import ModelSource
-from besa_pl.ranks import all_reduce_gradients, all_reduce_sum_, world_size
+from besa_pl.ranks import all_reduce_sum_, all_reduce_sum_flat_, is_main
 from besa_pl.settings import PruneSettings
 
 log = logging.getLogger("besa_pl")
@@ -111,31 +111,33 @@ class BESAPruner(L.LightningModule):
         dtype = next(self.current.block.parameters()).dtype
         inputs = self.cache.inputs[indices].to(self.device, dtype, non_blocking=True)
         targets = self.cache.targets[indices].to(self.device, non_blocking=True)
-        ranks = world_size()
-        # Under DDP a micro-batch is every rank's samples: its channel norms are summed over ranks.
-        norms = all_reduce_sum_(channel_norms_squared(targets)) if ranks > 1 else None
-        try:
-            loss = self.current.training_step((inputs, targets), batch_idx, norms, ranks)
-            if ranks > 1:  # the same loss, and the same stop on a NaN, on every rank
-                self.current.last_metrics["loss"] = float(all_reduce_sum_(loss.detach().clone()))
-                if not math.isfinite(self.current.last_metrics["loss"]):
-                    raise FloatingPointError(f"loss became {self.current.last_metrics['loss']} at step {batch_idx}")
-        except FloatingPointError as error:
-            raise BesaError(
-                f"block {self.block_index}: {error}; the checkpoint of the last finished block is kept. "
-                "Try --model.dtype float32, --trainer.precision 32 or a smaller --model.d_coef"
-            ) from error
+        # A micro-batch is every rank's samples: its channel norms and gradients are summed over
+        # ranks, exactly (float64), so R ranks train as one process with R times the micro-batch.
+        norms = all_reduce_sum_(channel_square_sums(targets)).float()
         for optimizer in self.block_optimizers:
             optimizer.zero_grad()
-        self.manual_backward(loss)
-        all_reduce_gradients([p for p in self.current.parameters() if p.requires_grad])
+        sums, reconstruction, expected = self.current.summed_gradients(
+            inputs, targets, norms, self.manual_backward, with_penalty=is_main()
+        )
+        totals = torch.tensor([reconstruction], dtype=torch.float64, device=self.device)
+        reconstruction = float(all_reduce_sum_(totals))
+        loss = reconstruction + self.current.penalty()
+        if not math.isfinite(loss):  # the same stop on every rank
+            raise BesaError(
+                f"block {self.block_index}: loss became {loss} at step {batch_idx}; the checkpoint of the last "
+                "finished block is kept. Try --model.dtype float32, --trainer.precision 32 or a smaller --model.d_coef"
+            )
+        params = [p for p in self.current.parameters() if p.requires_grad]
+        all_reduce_sum_flat_(sums)
+        for p, total in zip(params, sums):
+            p.grad = total.to(p.dtype)
         for optimizer in self.block_optimizers:
             # Through the strategy, so the precision plugin unscales fp16 gradients first.
             self.trainer.strategy.optimizer_step(optimizer, closure=lambda: None, model=self)
-        metrics = self.current.last_metrics
-        self.log("loss", metrics["loss"], prog_bar=True, on_step=True, on_epoch=True)
-        self.log("expected_sparsity", metrics["expected_sparsity"], prog_bar=True, on_step=True, on_epoch=False)
-        return loss.detach()
+        self.current.last_metrics = {"loss": loss, "reconstruction": reconstruction, "expected_sparsity": expected}
+        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("expected_sparsity", expected, prog_bar=True, on_step=True, on_epoch=False)
+        return torch.tensor(loss)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {}  # no base weights; BlockwiseLoop adds what resuming needs

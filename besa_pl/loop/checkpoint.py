@@ -27,7 +27,7 @@ ADDED_SETTINGS = {"model.percdamp": 0.01}
 
 def result_settings(pruner, datamodule) -> dict[str, Any]:
     """Every setting that changes the pruned model (resume refuses if one differs), with the number
-    of ranks (it changes how the samples are split, and so the float sums)."""
+    of ranks (R ranks take a micro-batch of R times --data.batch_size samples)."""
     settings = dict(pruner.settings.flat())
     settings["trainer.world_size"] = pruner.trainer.world_size
     for key in ("dataset", "nsamples", "seqlen", "seed", "batch_size"):

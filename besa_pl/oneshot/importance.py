@@ -11,10 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from besa_pl.closedform.damping import damped_inverse_cholesky
-from besa_pl.closedform.gram import RunningGram
+from besa_pl.closedform.gram import RunningGram, exact_sum_dtype
 from besa_pl.models.activations import run_block
 from besa_pl.models.loading import prunable_linears
-from besa_pl.ranks import mean_over_ranks
+from besa_pl.ranks import sum_over_ranks
 
 
 class SharedGrams:
@@ -30,7 +30,8 @@ class SharedGrams:
 class InputStatistics:
     """Streaming fp32 statistics of a linear layer's inputs over the calibration tokens.
 
-    `col_sq` is the running mean over sequences of each input feature's squared L2 norm (Wanda);
+    `col_sq` is the mean over sequences of each input feature's squared L2 norm (Wanda), summed in
+    float64 like the Gram (`RunningGram`), so the sample order and the rank count do not change it;
     with `gram=True` SparseGPT's Hessian X X^T is accumulated as well (`RunningGram`: the mean over
     tokens; SparseGPT's 2 X X^T / n differs only by a scale, which its relative damping cancels),
     shared with the linears before it on the same input when they use one `shared` pool.
@@ -39,7 +40,7 @@ class InputStatistics:
     def __init__(self, linear: nn.Linear, gram: bool = False, shared: SharedGrams | None = None) -> None:
         columns = linear.in_features
         device = linear.weight.device
-        self.col_sq = torch.zeros(columns, dtype=torch.float32, device=device)
+        self._col_sq_total = torch.zeros(columns, dtype=exact_sum_dtype(device), device=device)
         self._gram = RunningGram(columns, device) if gram else None
         self._shared = shared
         self.samples = 0
@@ -50,9 +51,7 @@ class InputStatistics:
         original = inputs[0]
         batch = original.shape[0] if original.dim() > 2 else 1
         x = original.detach().reshape(-1, original.shape[-1]).float()
-        total = self.samples + batch
-        # Running means, as the reference code does, so the scale does not grow with N.
-        self.col_sq.mul_(self.samples / total).add_(x.pow(2).sum(dim=0), alpha=1.0 / total)
+        self._col_sq_total += x.pow(2).sum(dim=0)  # a mean, as in the reference code: no growth with N
         if self._gram is not None:
             shared = self._shared
             if shared is not None and shared.last_input is original:
@@ -61,7 +60,11 @@ class InputStatistics:
                 self._gram.add(x)
                 if shared is not None:
                     shared.last_input, shared.last_gram = original, self._gram
-        self.samples = total
+        self.samples += batch
+
+    @property
+    def col_sq(self) -> Tensor:
+        return (self._col_sq_total / max(self.samples, 1)).float()
 
     @property
     def hessian(self) -> Tensor | None:
@@ -72,8 +75,7 @@ class InputStatistics:
 
     def combine_ranks(self) -> None:
         """Under DDP: the statistics over every rank's samples (unchanged on one process)."""
-        count = self.samples
-        self.col_sq, self.samples = mean_over_ranks(self.col_sq, count)
+        self._col_sq_total, self.samples = sum_over_ranks(self._col_sq_total, self.samples)
         if self._gram is not None:
             self._gram.combine_ranks()
 
