@@ -12,15 +12,9 @@ import torch
 from .conftest import REPO, saved_weights
 
 
-def fit(model_dir, text, root, *extra, ranks=1, expect_failure=False):
-    """`besa-pl fit` in a fresh process (Lightning's DDP launcher starts the other rank from it)."""
-    args = [
-        sys.executable,
-        "-m",
-        "besa_pl.cli",
-        "fit",
-        "--model.pretrained",
-        str(model_dir),
+def fit_command(model_dir, text, root) -> list[str]:
+    """`besa-pl fit` of the tiny model on 8 x 32 tokens, as a fresh process runs it."""
+    return [sys.executable, "-m", "besa_pl.cli", "fit", "--model.pretrained", str(model_dir)] + [
         "--data.dataset",
         str(text),
         "--data.nsamples",
@@ -36,10 +30,18 @@ def fit(model_dir, text, root, *extra, ranks=1, expect_failure=False):
         "--trainer.logger",
         "false",
     ]
+
+
+# One thread in every process: a CPU matmul's last bits may depend on the thread count.
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def fit(model_dir, text, root, *extra, ranks=1, expect_failure=False):
+    """`besa-pl fit` in a fresh process (Lightning's DDP launcher starts the other rank from it)."""
+    args = fit_command(model_dir, text, root)
     if ranks > 1:
         args += ["--trainer.devices", str(ranks), "--trainer.strategy", "ddp"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(args + list(extra), capture_output=True, text=True, cwd=str(REPO), env=env, timeout=600)
+    done = subprocess.run(args + list(extra), capture_output=True, text=True, cwd=str(REPO), env=ENV, timeout=600)
     if expect_failure:
         assert done.returncode != 0
     else:
@@ -53,24 +55,11 @@ def fit_two_nodes(model_dir, text, root, *extra):
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    nodes = ("--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp")
-    args = [
-        sys.executable,
-        "-m",
-        "besa_pl.cli",
-        "fit",
-        "--model.pretrained",
-        str(model_dir),
-        "--data.dataset",
-        str(text),
-    ]
-    args += ["--data.nsamples", "8", "--data.seqlen", "32", "--trainer.default_root_dir", str(root)]
-    args += ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    env["MASTER_PORT"] = str(port)
+    nodes = ["--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp"]
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     processes = [
         subprocess.Popen(
-            args + list(nodes) + list(extra),
+            fit_command(model_dir, text, root) + nodes + list(extra),
             env={**env, "NODE_RANK": str(node)},
             cwd=str(REPO),
             stdout=subprocess.PIPE,
