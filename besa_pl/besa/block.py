@@ -69,24 +69,29 @@ class BESABlock(L.LightningModule):
         """Parameter-weighted mean of the layers' expected rates: the s of the sparsity penalty."""
         return sum(share * self.allocation(name).expected_sparsity() for name, share in self.shares.items())
 
-    def objective(
-        self, output: Tensor, target: Tensor, norms_squared: Tensor | None = None, ranks: int = 1
-    ) -> tuple[Tensor, dict[str, float]]:
-        """Reconstruction plus sparsity penalty. Spread over `ranks` processes, each rank's share:
-        its tokens' part of the reconstruction sum and 1/ranks of the penalty, so that the gradients
-        summed over ranks are those of the whole micro-batch."""
-        rec = reconstruction_loss(output, target, norms_squared)
-        expected = self.expected_sparsity()
+    def penalty(self) -> Tensor:
+        """The sparsity penalty on the block's expected sparsity (differentiable)."""
         s = self.settings
-        pen = sparsity_penalty(expected, s.sparsity, s.penalty_weight, s.penalty_form) / ranks
-        loss = rec + pen
-        metrics = {"loss": loss.item(), "reconstruction": rec.item(), "expected_sparsity": expected.item()}
+        return sparsity_penalty(self.expected_sparsity(), s.sparsity, s.penalty_weight, s.penalty_form)
+
+    def objective(
+        self, output: Tensor, target: Tensor, norms_squared: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Reconstruction plus sparsity penalty, for fitting a block on its own (BESAPruner sums
+        per-sample gradients instead: `summed_gradients`)."""
+        rec = reconstruction_loss(output, target, norms_squared)
+        loss = rec + self.penalty()
+        metrics = {
+            "loss": loss.item(),
+            "reconstruction": rec.item(),
+            "expected_sparsity": self.expected_sparsity().item(),
+        }
         return loss, metrics
 
-    def training_step(self, batch, batch_idx: int = 0, norms_squared: Tensor | None = None, ranks: int = 1) -> Tensor:
+    def training_step(self, batch, batch_idx: int = 0, norms_squared: Tensor | None = None) -> Tensor:
         inputs, targets = batch
-        loss, self.last_metrics = self.objective(self(inputs), targets, norms_squared, ranks)
-        if ranks == 1 and not math.isfinite(self.last_metrics["loss"]):  # across ranks: see BESAPruner
+        loss, self.last_metrics = self.objective(self(inputs), targets, norms_squared)
+        if not math.isfinite(self.last_metrics["loss"]):
             raise FloatingPointError(f"loss became {self.last_metrics['loss']} at step {batch_idx}")
         return loss
 
@@ -115,15 +120,9 @@ class BESABlock(L.LightningModule):
             reconstruction += rec.item()
             if math.isfinite(reconstruction):
                 add(rec)
-        expected = self.expected_sparsity()
         if with_penalty:
-            s = self.settings
-            add(sparsity_penalty(expected, s.sparsity, s.penalty_weight, s.penalty_form))
-        return sums, reconstruction, expected.item()
-
-    def penalty(self) -> float:
-        s = self.settings
-        return float(sparsity_penalty(self.expected_sparsity(), s.sparsity, s.penalty_weight, s.penalty_form))
+            add(self.penalty())
+        return sums, reconstruction, self.expected_sparsity().item()
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """The logits' optimizer, and AdamW for the clipping logits when they are learned."""

@@ -121,7 +121,7 @@ class BESAPruner(L.LightningModule):
         )
         totals = torch.tensor([reconstruction], dtype=torch.float64, device=self.device)
         reconstruction = float(all_reduce_sum_(totals))
-        loss = reconstruction + self.current.penalty()
+        loss = reconstruction + self.current.penalty().item()
         if not math.isfinite(loss):  # the same stop on every rank
             raise BesaError(
                 f"block {self.block_index}: loss became {loss} at step {batch_idx}; the checkpoint of the last "
