@@ -8,6 +8,8 @@ file exists is not measured again (`--force` to redo). `--table` writes bench/re
     python bench/quality.py --data-dir path/to/data --sparsities 0.5 0.6 0.7 \\
         --runs dense magnitude wanda sparsegpt besa-paper wanda-obs besa --max-windows 40
     python bench/quality.py --table
+    python bench/quality.py --data-dir DATA --nsamples 64 --seqlen 256 --max-windows 16 --fidelity 8 256 \
+        --runs dense magnitude wanda sparsegpt besa-paper wanda-obs besa      # then bench/fidelity_ranks.py
 
 A run name is a preset below, or `name:key=value,key=value` with BESAPruner / data settings
 (`data.batch_size=4`), e.g. `besa-s3:reconstruct=obs,smoothing_scale=3`.
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+FIDELITY_SEED = 1234  # cli.yaml's: the dense model's own text, never the calibration (seed 0, C4)
 
 PRESETS: dict[str, dict] = {
     "dense": {"method": "dense"},
@@ -85,7 +88,7 @@ def commit() -> str:
 
 def run_one(name: str, settings: dict, sparsity: float, args) -> dict:
     from besa_pl import BESAPruner, CalibrationDataModule
-    from besa_pl.callbacks import PerplexityEval, ZeroShotEval
+    from besa_pl.callbacks import FidelityEval, PerplexityEval, ZeroShotEval
     from besa_pl.loop.trainer import make_trainer
 
     model_settings = {k: v for k, v in settings.items() if not k.startswith("data.")}
@@ -98,6 +101,8 @@ def run_one(name: str, settings: dict, sparsity: float, args) -> dict:
     callbacks = [
         PerplexityEval(datasets=args.ppl, seqlen=2048, batch_size=args.eval_batch, max_windows=args.max_windows)
     ]
+    if args.fidelity:
+        callbacks.append(FidelityEval(nsamples=args.fidelity[0], seqlen=args.fidelity[1], seed=FIDELITY_SEED))
     if args.zero_shot and sparsity in args.zero_shot_sparsities:
         callbacks.append(ZeroShotEval(limit=args.zero_shot_limit, batch_size=32))
     root = Path(args.out) / args.model / f"{name}-s{sparsity}"
@@ -157,6 +162,10 @@ def satisfied(stored: dict, args, sparsity: float, zero_shot: bool = True) -> bo
             return False
         if args.max_windows is not None and details["windows"] != args.max_windows and not details["all_windows"]:
             return False
+    if args.fidelity and stored.get("method") != "dense":
+        found = stored.get("fidelity")
+        if found is None or [found["texts"], found["seqlen"]] != args.fidelity:
+            return False
     wants_zero_shot = zero_shot and args.zero_shot and sparsity in args.zero_shot_sparsities
     # a run without zero-shot has no "zero_shot" at all (its limit would read None, like a full one)
     return not wants_zero_shot or ("zero_shot" in stored and stored["zero_shot"].get("limit") == args.zero_shot_limit)
@@ -205,6 +214,13 @@ def main() -> None:
     parser.add_argument("--ppl", nargs="+", default=["wikitext2"], help="wikitext2 c4 ptb heldout")
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--eval-batch", type=int, default=4)
+    parser.add_argument(
+        "--fidelity",
+        nargs=2,
+        type=int,
+        metavar=("TEXTS", "TOKENS"),
+        help="also FidelityEval on TEXTS x TOKENS the dense model writes (seed 1234; cli.yaml: 8 256)",
+    )
     parser.add_argument("--zero-shot", action="store_true", help="full zero-shot tasks (see --zero-shot-limit)")
     parser.add_argument("--zero-shot-limit", type=int, default=None)
     parser.add_argument("--zero-shot-sparsities", nargs="+", type=float, default=[0.5])

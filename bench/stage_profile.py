@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
 import subprocess
 import tempfile
 import time
@@ -29,6 +28,7 @@ from besa_pl.besa.block import BESABlock
 from besa_pl.besa.pruner import BESAPruner as PrunerClass
 from besa_pl.closedform import reconstruction
 from besa_pl.eval.perplexity import PerplexityEval
+from besa_pl.eval.report import cpu_model
 from besa_pl.loop import blockwise_loop
 from besa_pl.models.source import ModelSource
 from besa_pl.models.weights import ShardWriter
@@ -69,19 +69,7 @@ def environment() -> dict:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
     ).stdout.strip()
-    cpu = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else ""
-    )
-    return {"commit": commit, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu}
+    return {"commit": commit, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model()}
 
 
 def main() -> None:

@@ -58,6 +58,14 @@ class WithoutDistributedDataParallel:
         pass
 
 
+def kv_cache_keyword(model) -> str:
+    """The name of a causal LM's KV-cache argument: transformers 5.24 renamed `past_key_values` to
+    `cache` (the old name warns, and goes in 5.40); earlier 5.x releases know only the old one."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 def lm_eval_task_config(task_manager, name: str) -> dict:
     """lm-eval 0.4.13: a registered task's YAML path is the private index entry's `yaml_path`
     (`TaskManager.task_index[name]`), and the YAML (with `!function` entries resolved) is read by the

@@ -114,3 +114,18 @@ def test_a_model_without_its_gguf_quantizer_saves(tmp_path):
     assert model.hf_quantizer is None and not hasattr(model.config, "quantization_config")
     model.save_pretrained(tmp_path)
     assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path).lm_head.weight, model.lm_head.weight)
+
+
+def test_the_kv_cache_keyword_is_one_the_model_takes_without_a_warning(tiny_model_dir):
+    import warnings
+
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from besa_pl.compat import kv_cache_keyword
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
+    cache = DynamicCache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a deprecated name warns
+        model(torch.tensor([[1, 5, 7]]), use_cache=True, **{kv_cache_keyword(model): cache})
+    assert cache.get_seq_length() == 3  # the model filled the cache it was given

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from besa_pl.errors import BesaError
 from besa_pl.eval.perplexity import evaluation_text, perplexity, windows
+from besa_pl.eval.report import cpu_model
 from besa_pl.eval.zero_shot import task_means
 from besa_pl.eval.zero_shot_compare import compare, paired_difference
 from besa_pl.models.loading import decoder_blocks, demo_model_dir
@@ -121,6 +122,7 @@ def test_zero_shot_on_local_files_marks_hellaswag_skipped(demo_dir, tmp_path, ca
     assert everything["environment"]["torch"] == torch.__version__
     assert everything["environment"]["torch_threads"] == torch.get_num_threads()
     assert everything["environment"]["transformers"] and everything["environment"]["lm-eval"]
+    assert everything["environment"]["cpu"] == cpu_model() != ""
     results = everything["zero_shot"]
     assert set(results["tasks"]) == {"piqa", "arc_easy"}
     assert set(results["tasks"]["arc_easy"]) == {"acc", "acc_norm"}

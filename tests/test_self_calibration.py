@@ -8,6 +8,9 @@ import torch
 from besa_pl.data.self_calibration import (
     SelfRecipe,
     first_word_ids,
+    kv_cache_bytes,
+    resolved_batch,
+    sample_batch,
     self_calibration_tokens,
 )
 from besa_pl.models.source import ModelSource
@@ -39,6 +42,46 @@ def test_samples_have_the_shape_start_at_bos_and_follow_the_seed(tiny_model_dir,
         path.unlink()  # written again from scratch: the same seed gives the same text
     assert torch.equal(tokens(folder, 0), first)
     assert not torch.equal(tokens(folder, 1), first)
+
+
+def test_finished_texts_leave_the_batch_and_the_others_see_their_own_context(tiny_model_dir):
+    """With the KV cache and rows dropped as texts end, every next-token distribution drawn from is
+    the one the model gives the text's whole prefix (no cache, no batch)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
+    eos, bos = 2, 1
+
+    def rule(step, scores):  # EOS made likely, so texts end at different steps
+        return scores + 6.0 * (torch.arange(scores.shape[1]) == eos)
+
+    seen = []
+    torch.manual_seed(0)
+    texts = sample_batch(model, bos, eos, 6, 20, rule, "cpu", lambda alive, logits: seen.append((alive, logits)))
+    lengths = sorted(len(text) for text in texts)
+    assert lengths[0] < lengths[-1] and lengths[0] < 21  # rows left the batch at different steps
+    for text in texts:
+        assert text[0] == bos and (text[-1] == eos or len(text) == 21) and eos not in text[1:-1]
+    for step, (alive, logits) in enumerate(seen):
+        assert sorted(alive.tolist()) == [row for row, text in enumerate(texts) if len(text) > step + 1]
+        for row, row_logits in zip(alive.tolist(), logits):
+            prefix = torch.tensor([texts[row][: step + 1]])
+            full = model(prefix, use_cache=False).logits[0, -1]
+            torch.testing.assert_close(row_logits, full, rtol=1e-4, atol=1e-4)
+
+
+def test_the_automatic_batch_is_the_largest_whose_kv_caches_fit_a_quarter_of_the_free_memory():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, hidden_size=256)
+    one = kv_cache_bytes(config, 100, torch.float32)
+    assert one == 2 * 4 * 2 * 32 * 100 * 4  # keys and values, 4 layers, 2 KV heads of 32, 100 tokens, fp32
+    auto = SelfRecipe()
+    assert resolved_batch(auto, config, 1000, 100, torch.float32, 10**12) == 64
+    assert resolved_batch(auto, config, 20, 100, torch.float32, 10**12) == 16  # no wider than the texts
+    assert resolved_batch(auto, config, 1000, 100, torch.float32, 4 * 8 * one) == 8
+    assert resolved_batch(auto, config, 1000, 100, torch.float32, 0) == 1
+    assert resolved_batch(SelfRecipe(batch_size=3), config, 1000, 100, torch.float32, 0) == 3
 
 
 def test_generated_tokens_are_cached_and_reused(tiny_model_dir, cache, monkeypatch):

@@ -11,15 +11,29 @@ from rich.table import Table
 from besa_pl.atomic import write_json_atomic
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else the platform's word): its SIMD width
+    changes float sums, and so masks."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict[str, Any]:
-    """The software and threads a result came from: the same code can give other floats (and so
-    other masks) under another torch / transformers version or thread count."""
+    """The software, CPU and threads a result came from: the same code can give other floats (and
+    so other masks) under another torch / transformers version, CPU or thread count."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
 
-    found = {"python": platform.python_version(), "torch_threads": torch.get_num_threads()}
+    found = {"python": platform.python_version(), "torch_threads": torch.get_num_threads(), "cpu": cpu_model()}
     for package in ("besa-pl", "torch", "transformers", "lightning", "lm-eval"):
         try:
             found[package] = version(package)

@@ -23,6 +23,7 @@ from torch import nn
 
 from besa_pl.atomic import swap_folder
 from besa_pl.compat import data_unreachable_errors, forget_gguf_quantizer
+from besa_pl.console import third_party_output
 from besa_pl.errors import BesaError
 from besa_pl.models.weights import has_safetensors
 from besa_pl.offline import cache_dir, hub_reachable
@@ -133,8 +134,9 @@ def load_gguf(path: Path):
         if handle.read(4) != b"GGUF":
             raise BesaError(f"model.pretrained={path} is not a GGUF file (no GGUF magic bytes); give a valid .gguf")
     folder, name = str(path.parent), path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with third_party_output():  # transformers' "Converting and de-quantizing GGUF tensors" bar
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     forget_gguf_quantizer(model)
     return model, tokenizer
 
