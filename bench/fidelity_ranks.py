@@ -74,7 +74,7 @@ def main() -> None:
     runs.sort(key=lambda r: r["perplexity"]["wikitext2"])
     wikitext = [r["perplexity"]["wikitext2"] for r in runs]
     measures = {
-        "KL(dense || pruned)": [r["fidelity"]["kl"] for r in runs],
+        "KL, dense to pruned": [r["fidelity"]["kl"] for r in runs],
         "1 - top-1 agreement": [1 - r["fidelity"]["top1_agreement"] for r in runs],
         "self-text perplexity": [r["fidelity"]["perplexity_pruned"] for r in runs],
     }

@@ -181,6 +181,12 @@ def measure(args) -> None:
                 continue  # the dense row does not depend on the sparsity
             path = result_path(args, name, 0.0 if dense else sparsity)
             stored = json.loads(path.read_text()) if path.exists() and not args.force else None
+            other = set(stored.get("perplexity", {})) - set(args.ppl) if stored is not None else set()
+            if other and not args.force:  # the file name does not say the datasets: never overwrite others'
+                raise SystemExit(
+                    f"{path.name} holds a run evaluated on {', '.join(sorted(other))}; give this run another name "
+                    "(NAME:method=..., see the module docstring) or --force to replace it"
+                )
             if stored is not None and satisfied(stored, args, sparsity):
                 print(f"{path.name}: stored, skipped")
                 continue

@@ -159,3 +159,18 @@ def test_an_unreachable_evaluation_source_names_its_setting_and_not_self_calibra
         evaluation_text("wikitext2", None)
     assert str(error.value).startswith("PerplexityEval.datasets: the Hugging Face hub cannot be reached")
     assert "data.dataset self" not in str(error.value)  # calibrating differently would not help an evaluation
+
+
+def test_a_wide_batch_reports_its_progress_every_64_steps_in_a_redirected_log(tiny_model_dir, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from besa_pl.data.self_calibration import generate_samples
+
+    folder = tiny_model_dir("llama")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    torch.manual_seed(0)
+    samples = generate_samples(model, AutoTokenizer.from_pretrained(folder), 2, 150, SelfRecipe(batch_size=2), "cpu")
+    assert samples.shape == (2, 150)
+    err = capsys.readouterr().err
+    assert "calibration text: " in err and "/300 tokens written" in err  # before the batch is done
+    assert "calibration text: 2/2 samples of 150 tokens written" in err

@@ -241,7 +241,16 @@ def generate_samples(
         for start in range(0, len(short), recipe.batch_size):
             batch = short[start : start + recipe.batch_size]
             need = max(seqlen - len(rows[i]) for i in batch)
-            texts = sample_batch(model, bos, eos, len(batch), max(need - 1, 1), rule, device)
+            written = sum(len(row) for row in rows)
+            steps = [0, written]
+
+            def log_progress(alive, _logits, steps=steps):  # a line a minute or so, even in one wide batch
+                steps[0] += 1
+                steps[1] += len(alive)
+                if steps[0] % 64 == 0:
+                    stage(f"{label}: {min(steps[1], count * seqlen)}/{count * seqlen} tokens written")
+
+            texts = sample_batch(model, bos, eos, len(batch), max(need - 1, 1), rule, device, log_progress)
             for row_index, text in zip(batch, texts):
                 # a text that ended early (EOS) is continued by the next round's new generation
                 before = len(rows[row_index])
