@@ -96,7 +96,7 @@ def run_one(name: str, settings: dict, sparsity: float, args) -> dict:
     pruner = BESAPruner(pretrained=args.model, sparsity=sparsity, dtype=args.dtype, **model_settings)
     data_settings.setdefault("dataset", "c4")  # `data.dataset=self`: the model's own text
     data = CalibrationDataModule(
-        nsamples=args.nsamples, seqlen=args.seqlen, seed=0, data_dir=args.data_dir, **data_settings
+        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir, **data_settings
     )
     callbacks = [
         PerplexityEval(datasets=args.ppl, seqlen=2048, batch_size=args.eval_batch, max_windows=args.max_windows)
@@ -116,7 +116,7 @@ def run_one(name: str, settings: dict, sparsity: float, args) -> dict:
         settings=settings,
         sparsity=sparsity,
         model=args.model,
-        calibration=f"{args.nsamples} x {args.seqlen} tokens, {data.source}, seed 0",
+        calibration=f"{args.nsamples} x {args.seqlen} tokens, {data.source}, seed {args.seed}",
         commit=args.commit,
         command="python bench/quality.py " + " ".join(sys.argv[1:]),
     )
@@ -148,7 +148,8 @@ def evaluate_stored(stored: dict, source: str, root: Path, args) -> dict:
 
 def result_path(args, name: str, sparsity: float) -> Path:
     windows = f"-w{args.max_windows}" if args.max_windows else ""  # a partial evaluation is its own run
-    return RESULTS / "runs" / args.model / f"{name}-s{sparsity}-{args.nsamples}x{args.seqlen}{windows}.json"
+    seed = f"-seed{args.seed}" if args.seed else ""  # calibration seed 0 keeps the older files' names
+    return RESULTS / "runs" / args.model / f"{name}-s{sparsity}-{args.nsamples}x{args.seqlen}{seed}{windows}.json"
 
 
 def satisfied(stored: dict, args, sparsity: float, zero_shot: bool = True) -> bool:
@@ -216,6 +217,7 @@ def main() -> None:
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5])
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0, help="the calibration draw's seed")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--ppl", nargs="+", default=["wikitext2"], help="wikitext2 c4 ptb heldout")
     parser.add_argument("--max-windows", type=int, default=None)

@@ -59,7 +59,14 @@ class PruneSettings:
         method: besa | wanda | sparsegpt | magnitude | dense (no pruning: the dense row).
         sparsity: target unstructured sparsity s*, 0 < s < 1.
         granularity: row (one allocation per output row, the paper) | layer (one per layer).
-        structure: N:M semi-structured sparsity such as "2:4" (one-shot methods only).
+        structure: N:M semi-structured sparsity such as "2:4": every group of M consecutive inputs of a
+            row keeps N weights. With besa, a learned scale per input channel re-ranks the importance
+            scores inside each group (`besa/channel_scales.py`) instead of learning rates.
+        nm_temperature: with besa and N:M, the width (in log-score units) of the soft mask whose
+            gradient trains the channel scales (straight-through; the forward mask is the hard top N).
+        nm_lr: with besa and N:M, AdamW's learning rate for the channel scales (log units per step at
+            most, about); Prodigy is not used for them: the hard mask's loss is piecewise constant and
+            Prodigy's step estimate grows without bound on it.
         importance: ranking metric BESA learns over: wanda (default) | magnitude | sparsegpt.
         smoothing: softmax(sigmoid(logits)) as in the official code; false = softmax(logits).
         smoothing_scale: s in softmax(s * sigmoid(z)); 1 = the official code, whose rates stay within
@@ -106,6 +113,8 @@ class PruneSettings:
     sparsity: float = 0.5
     granularity: Granularity = "row"
     structure: str | None = None
+    nm_temperature: float = 1.0
+    nm_lr: float = 0.01
     importance: Importance = "wanda"
     smoothing: bool = True
     smoothing_scale: float = 1.0
@@ -140,12 +149,12 @@ class PruneSettings:
         at_least("model.num_candidates", self.num_candidates, 2)
         at_least("model.epochs_per_block", self.epochs_per_block, 1)
         at_least("model.reconstruct_swaps", self.reconstruct_swaps, 0)
-        for name in ("smoothing_scale", "lr", "d_coef"):
+        for name in ("smoothing_scale", "lr", "d_coef", "nm_temperature", "nm_lr"):
             positive(f"model.{name}", getattr(self, name))
         if self.percdamp is not None:
             positive("model.percdamp", self.percdamp)
         at_least("model.penalty_weight", self.penalty_weight, 0)
-        if self.method == "besa" and self.smoothing:
+        if self.method == "besa" and self.smoothing and self.nm is None:
             low, high = smoothing_band(
                 candidate_rates(self.sparsity, self.num_candidates, self.candidate_grid), self.smoothing_scale
             )
@@ -155,9 +164,10 @@ class PruneSettings:
                     f"on the {self.candidate_grid} grid; use --model.candidate_grid centered, a larger "
                     "--model.smoothing_scale or --model.smoothing false"
                 )
-        if self.nm is not None and self.method == "besa":
+        if self.nm is not None and self.reconstruction in ("obs_row", "obs_layer"):
             raise BesaError(
-                "model.structure: N:M sparsity works with --model.method magnitude, wanda or sparsegpt, not besa"
+                f"model.reconstruct={self.reconstruct}: per-row or per-layer counts break model.structure "
+                f"{self.structure}; use obs_select or obs"
             )
         quant = self.quant
         if quant.enabled and quant.bits not in SUPPORTED_BITS:
@@ -212,7 +222,11 @@ class PruneSettings:
         """In words, which method ran (the results table's first row)."""
         names = {"besa": "BESA", "wanda": "Wanda", "sparsegpt": "SparseGPT", "magnitude": "magnitude", "dense": "dense"}
         text = names[self.method]
-        if self.method == "besa" and self.reconstruction == "none":
+        if self.nm is not None:
+            text += f" {self.structure}" + (" (learned channel scales)" if self.method == "besa" else "")
+        if self.method == "besa" and self.reconstruction == "none" and self.nm is not None:
+            text += ", no reconstruction"
+        elif self.method == "besa" and self.reconstruction == "none":
             text += " (the paper's: no reconstruction" + (", official floor rule)" if not self.exact_sparsity else ")")
         elif self.reconstruction != "none" and self.pruning:
             how = {
@@ -221,6 +235,10 @@ class PruneSettings:
                 "obs_row": "SparseGPT's sweep choosing within its per-row counts",
                 "obs_layer": "SparseGPT's sweep choosing within its per-layer counts",
             }[self.reconstruction]
+            if self.nm is not None and self.reconstruction == "obs_select":
+                how = "SparseGPT's sweep choosing N of every M" + (
+                    ", saliency times the learned scales" if self.method == "besa" else ""
+                )
             solve = ", masked least squares" if self.reconstruct_solve == "exact" else ""
             if self.reconstruct_solve == "exact" and self.reconstruct_swaps:
                 solve += f", {self.reconstruct_swaps} rounds of swaps"

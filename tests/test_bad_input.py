@@ -75,9 +75,10 @@ BAD_MODEL_SETTINGS = [
     ({"structure": "2-4", "method": "wanda"}, "model.structure=2-4: write N:M with N < M, e.g. 2:4"),
     ({"structure": "4:2", "method": "wanda"}, "model.structure=4:2: write N:M with 0 < N < M, e.g. 2:4"),
     (
-        {"structure": "2:4"},
-        "model.structure: N:M sparsity works with --model.method magnitude, wanda or sparsegpt, not besa",
+        {"structure": "2:4", "reconstruct": "obs_layer"},
+        "model.reconstruct=obs_layer: per-row or per-layer counts break model.structure 2:4; use obs_select or obs",
     ),
+    ({"structure": "2:4", "nm_lr": 0.0}, "model.nm_lr=0.0: must be positive"),
     ({"importance": "random"}, "model.importance=random: unknown value; use one of wanda, magnitude, sparsegpt"),
     ({"smoothing_scale": 0.0}, "model.smoothing_scale=0.0: must be positive"),
     ({"candidate_grid": "log"}, "model.candidate_grid=log: unknown value; use one of centered, uniform"),

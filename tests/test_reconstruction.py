@@ -19,7 +19,7 @@ from besa_pl.closedform.obs import (
 from besa_pl.closedform.reconstruction import reconstruct_block, sequential_groups
 from besa_pl.models.activations import capture_block_inputs, run_block
 from besa_pl.models.loading import decoder_blocks, load_model, prunable_linears
-from besa_pl.oneshot.importance import InputStatistics, importance_scores, row_ranks
+from besa_pl.oneshot.importance import InputStatistics, importance_scores
 from besa_pl.quant.quantizer import apply_params
 from besa_pl.settings import PruneSettings
 
@@ -288,9 +288,9 @@ def test_besa_learns_better_masks_than_its_uniform_start(tiny_block):
     target = run_block(block, inputs, kwargs, "cpu")
     for stat in stats.values():
         stat.remove()
-    ranks = {name: row_ranks(importance_scores("wanda", linears[name].weight, stats[name])) for name in linears}
+    scores = {name: importance_scores("wanda", linears[name].weight, stats[name]) for name in linears}
     dense = {name: linear.weight.detach().clone() for name, linear in linears.items()}
-    besa = BESABlock(block, kwargs, ranks, PruneSettings(d_coef=20.0, smoothing_scale=3.0))
+    besa = BESABlock(block, kwargs, scores, PruneSettings(d_coef=20.0, smoothing_scale=3.0))
     try:
         with torch.no_grad():
             initial = reconstruction_loss(besa(inputs), target)

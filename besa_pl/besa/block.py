@@ -15,21 +15,27 @@ from besa_pl.besa.allocation import (
     exact_target_counts,
     prune_counts,
 )
+from besa_pl.besa.channel_scales import ChannelScales
 from besa_pl.besa.loss import reconstruction_loss, sparsity_penalty
 from besa_pl.closedform.gram import exact_sum_dtype
 from besa_pl.models.loading import call_block, prunable_linears
+from besa_pl.oneshot.importance import row_ranks
 from besa_pl.quant.quantizer import LearnableClipQuantizer, burn_in
 from besa_pl.settings import PruneSettings
 
 
 class BESABlock(L.LightningModule):
-    """A frozen decoder block with a learnable masking parametrization on every linear weight.
+    """A frozen decoder block with a learnable masking parametrization on every linear weight:
+    the sparsity logits of BESA's allocation, or under N:M structure the channel scales
+    (`channel_scales.py`), both built from each linear's one-shot importance `scores`.
 
     `training_step` takes a batch `(inputs, targets)`, so a block can be fitted on its own by a
     Trainer; inside `besa-pl fit`, BESAPruner feeds it from the activation cache.
     """
 
-    def __init__(self, block: nn.Module, block_kwargs: dict, ranks: dict[str, Tensor], settings: PruneSettings) -> None:
+    def __init__(
+        self, block: nn.Module, block_kwargs: dict, scores: dict[str, Tensor], settings: PruneSettings
+    ) -> None:
         super().__init__()
         self.block = block
         self.block_kwargs = block_kwargs
@@ -50,13 +56,20 @@ class BESABlock(L.LightningModule):
                     self.quant.learn_clipping,
                 )
                 parametrize.register_parametrization(linear, "weight", quantizer.to(device))
-            allocation = SparsityAllocation(
-                ranks[name].to(device), rates, settings.granularity, settings.smoothing, settings.smoothing_scale
-            )
+            if settings.nm is not None:
+                allocation = ChannelScales(scores[name].to(device), *settings.nm, settings.nm_temperature)
+            else:
+                allocation = SparsityAllocation(
+                    row_ranks(scores[name].to(device)),
+                    rates,
+                    settings.granularity,
+                    settings.smoothing,
+                    settings.smoothing_scale,
+                )
             parametrize.register_parametrization(linear, "weight", allocation.to(device))
         self.last_metrics: dict[str, float] = {}
 
-    def allocation(self, name: str) -> SparsityAllocation:
+    def allocation(self, name: str) -> SparsityAllocation | ChannelScales:
         return self.linears[name].parametrizations.weight[-1]
 
     def quantizer(self, name: str) -> LearnableClipQuantizer | None:
@@ -120,15 +133,18 @@ class BESABlock(L.LightningModule):
             reconstruction += rec.item()
             if math.isfinite(reconstruction):
                 add(rec)
-        if with_penalty:
-            add(self.penalty())
+        penalty = self.penalty()
+        if with_penalty and penalty.requires_grad:  # N:M: the rate is fixed, no penalty to follow
+            add(penalty)
         return sums, reconstruction, self.expected_sparsity().item()
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        """The logits' optimizer, and AdamW for the clipping logits when they are learned."""
-        params = [self.allocation(name).logits for name in self.linears]
+        """The logits' (or channel scales') optimizer, and AdamW for the clipping logits when learned."""
+        params = [p for name in self.linears for p in self.allocation(name).parameters()]
         s = self.settings
-        if s.optimizer == "prodigy":
+        if s.nm is not None:  # the channel scales (see the nm_lr setting)
+            optimizers = [torch.optim.AdamW(params, lr=s.nm_lr, weight_decay=0.0)]
+        elif s.optimizer == "prodigy":
             from prodigyopt import Prodigy
 
             # The official release scripts' settings; only d_coef varies by model (paper section 4.1).
@@ -180,6 +196,13 @@ class BESABlock(L.LightningModule):
         return {name: tuple(t.detach().cpu() for t in self.quantizer(name).gamma_delta()) for name in self.linears}
 
     @torch.no_grad()
+    def column_weights(self) -> dict[str, Tensor] | None:
+        """Under N:M, each linear's learned saliency factor per input column, for the reconstruction."""
+        if self.settings.nm is None:
+            return None
+        return {name: self.allocation(name).column_weight().cpu() for name in self.linears}
+
+    @torch.no_grad()
     def learned_rates(self) -> dict[str, Tensor]:
         """Per-row expected rate of every layer (fp32, outside autocast)."""
         return {name: self.allocation(name).row_alpha().cpu() for name in self.linears}
@@ -187,8 +210,8 @@ class BESABlock(L.LightningModule):
     @torch.no_grad()
     def finalize(self) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
         """Hard masks in fp32, burned into the (quantized) weights; returns masks and quant params."""
-        counts = self.final_counts()
-        masks = {name: self.allocation(name).hard_mask(counts[name]) for name in self.linears}
+        counts = self.final_counts() if self.settings.nm is None else {}
+        masks = {name: self.allocation(name).hard_mask(counts.get(name)) for name in self.linears}
         qparams = {}
         for name, linear in self.linears.items():
             if self.quant is not None:

@@ -38,11 +38,14 @@ def swap_refine(
     pairs_per_round: int | None = None,
     iterations: int = 5,
     tolerance: float = 1e-3,
+    group: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(weights, keep-mask) after up to `rounds` rounds of swaps, from solved weights `weight`
     (zero where `keep` is False) and the dense weights `start`, stopping after a round that lowers
     the summed objective by less than `tolerance` of it. Inputs that are never active are left out
-    of the swaps. Returns fp32 weights, pruned entries exactly 0."""
+    of the swaps. With `group` (N:M structure) both weights of a swap lie in one group of that many
+    consecutive inputs, one swap per group and round, so every group keeps its count. Returns fp32
+    weights, pruned entries exactly 0."""
     h, alive = damped_gram(hessian, percdamp)
     start = start.float()
     w = weight.float() * keep
@@ -58,8 +61,11 @@ def swap_refine(
         removable = keep & alive
         gain = torch.where(revivable, gradient.square() / diag, torch.full_like(w, -1.0))
         cost = torch.where(removable, w.square() * diag - 2 * w * gradient, torch.full_like(w, float("inf")))
-        j = gain.topk(pairs, dim=1).indices
-        i = (-cost).topk(pairs, dim=1).indices
+        if group is None:  # the most promising revivals paired with the cheapest removals
+            j = gain.topk(pairs, dim=1).indices
+            i = (-cost).topk(pairs, dim=1).indices
+        else:
+            i, j = _pairs_in_groups(w, gradient, h, gain, cost, group, pairs)
         w_i, g_j = w.gather(1, i), gradient.gather(1, j)
         coupled = g_j - w_i * h[i, j]
         change = w_i.square() * diag[i] - 2 * w_i * gradient.gather(1, i) - coupled.square() / diag[j]
@@ -86,3 +92,20 @@ def swap_refine(
         if before - float(objective.sum()) < tolerance * before:
             break
     return w * keep, keep
+
+
+def _pairs_in_groups(
+    w: Tensor, gradient: Tensor, h: Tensor, gain: Tensor, cost: Tensor, group: int, pairs: int
+) -> tuple[Tensor, Tensor]:
+    """(removals i, revivals j), each rows x pairs column indices: in every group of `group` inputs
+    its best revival and cheapest removal, and of those pairs the `pairs` whose exact change of the
+    objective is lowest in each row (at most one per group, so the groups' counts stay)."""
+    rows, columns = w.shape
+    base = torch.arange(0, columns, group, device=w.device).view(1, -1)
+    j = gain.view(rows, -1, group).argmax(dim=-1) + base
+    i = cost.view(rows, -1, group).argmin(dim=-1) + base
+    w_i = w.gather(1, i)
+    coupled = gradient.gather(1, j) - w_i * h[i, j]
+    change = cost.gather(1, i) - coupled.square() / torch.diag(h)[j]
+    best = change.topk(min(pairs, change.shape[1]), dim=1, largest=False).indices
+    return i.gather(1, best), j.gather(1, best)

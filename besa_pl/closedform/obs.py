@@ -12,6 +12,7 @@ it also quantizes every kept weight (GPTQ), so pruned + quantized weights come o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -61,6 +62,10 @@ class SaliencySelect:
     structure: tuple[int, int] | None = None
     sees_rest = False
 
+    @property
+    def group(self) -> int | None:
+        return self.structure[1] if self.structure else None
+
     def window(self, i: int, width: int) -> int:
         span = self.structure[1] if self.structure else width  # N:M decides each group of M
         return min(span, width - i) if i % span == 0 else 0
@@ -77,6 +82,32 @@ class SaliencySelect:
             threshold = torch.sort(saliency.reshape(-1)).values[cut - 1]
             pruned = saliency <= threshold
         return pruned
+
+
+@dataclass(frozen=True)
+class GroupSelect:
+    """N of every M columns, chosen as SparseGPT chooses under N:M: when the sweep reaches a group,
+    its M - N weights of lowest OBS saliency (as updated so far) go. `column_weight` multiplies each
+    column's saliency (BESA's learned channel scales under N:M; None = SparseGPT's own choice)."""
+
+    n: int
+    m: int
+    column_weight: Tensor | None = None
+    sees_rest = False
+
+    @property
+    def group(self) -> int:
+        return self.m
+
+    def window(self, i: int, width: int) -> int:
+        return min(self.m, width - i) if i % self.m == 0 else 0
+
+    def __call__(self, w: Tensor, diag: Tensor, column: int, window: int) -> Tensor:
+        saliency = w.pow(2) / diag.pow(2).view(1, -1)
+        if self.column_weight is not None:
+            saliency = saliency * self.column_weight[column : column + window].to(w.device).view(1, -1)
+        drop = torch.topk(saliency, self.m - self.n, dim=1, largest=False).indices
+        return torch.zeros_like(w, dtype=torch.bool).scatter_(1, drop, True)
 
 
 class LayerBudgetSelect:
@@ -192,13 +223,17 @@ def obs_sweep(
     keep_out = torch.ones_like(w, dtype=torch.bool) if keep is None else keep.to(w.device, torch.bool).clone()
     scales = zeros = None
     size = columns
+    group = getattr(select, "group", None)
+    if group:  # lazy blocks hold whole N:M groups, so every group is decided at once
+        blocksize = group * max(1, blocksize // group)
     if grid is not None:
         size = grid.group_size or columns
         groups = columns // size
         scales = w.new_zeros(rows, groups)
         zeros = w.new_zeros(rows, groups)
-        if size < columns:  # every quantization group lies inside one lazy block
-            blocksize = size * max(1, blocksize // size)
+        if size < columns:  # every quantization group (and N:M group) lies inside one lazy block
+            unit = math.lcm(size, group or 1)
+            blocksize = unit * max(1, blocksize // unit)
     for start in range(0, columns, blocksize):
         end = min(start + blocksize, columns)
         w1 = w[:, start:end].clone()

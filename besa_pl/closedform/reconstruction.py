@@ -27,6 +27,7 @@ from besa_pl.closedform.mask_swaps import swap_refine
 from besa_pl.closedform.masked_solve import masked_least_squares
 from besa_pl.closedform.obs import (
     CountSelect,
+    GroupSelect,
     LayerBudgetSelect,
     QuantGrid,
     RowBudgetSelect,
@@ -109,6 +110,7 @@ def reconstruct_block(
     settings: PruneSettings,
     grids: dict[str, QuantGrid] | None = None,
     log: Callable[[str], None] | None = None,
+    column_weights: dict[str, Tensor] | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Re-solve the kept weights of `block` in place, group by group, as `settings` say; returns
     (scale, zero) per linear when `grids` quantizes. `dense` holds W0 per linear, `masks` the final
@@ -117,7 +119,9 @@ def reconstruct_block(
     - `reconstruct_reference`: what each linear's output should match (module docstring);
     - `reconstruction` obs_select / obs_row / obs_layer: the masks give only how many weights each
       row prunes per column block / row / layer, and the sweep picks which (`masks` is updated in
-      place); obs: the sweep keeps the masks;
+      place); obs: the sweep keeps the masks; under N:M (`settings.nm`) obs_select keeps N of every
+      M, the sweep choosing by saliency times `column_weights` (BESA's learned scales, if any), and
+      the swaps stay inside each group;
     - `reconstruct_solve` exact: the kept weights are then solved to the optimum for the final mask
       (`masked_solve`) and the mask refined by up to `reconstruct_swaps` rounds of swaps inside each
       row (`mask_swaps`, counts unchanged); a quantizing grid is applied after that, by a second
@@ -161,7 +165,10 @@ def reconstruct_block(
             if cross is not None:
                 start = least_squares_start(start, hessian, cross, percdamp)
             mask = masks[name].to(device)
-            select = reselect(mask) if reselect else None
+            if settings.nm is not None and reselect is not None:
+                select = GroupSelect(*settings.nm, (column_weights or {}).get(name))
+            else:
+                select = reselect(mask) if reselect else None
             grid = (grids or {}).get(name)
             weight, keep, params = obs_sweep(
                 start,
@@ -175,7 +182,8 @@ def reconstruct_block(
             if exact:
                 weight = masked_least_squares(weight, start, hessian, keep, percdamp)
                 if swaps:
-                    weight, keep = swap_refine(weight, start, hessian, keep, swaps, percdamp)
+                    group = settings.nm[1] if settings.nm is not None else None
+                    weight, keep = swap_refine(weight, start, hessian, keep, swaps, percdamp, group=group)
                 if grid is not None:  # the optimum's error is orthogonal to the mask: sweep from it
                     weight, keep, params = obs_sweep(weight, hessian, keep=keep, grid=grid, percdamp=percdamp, log=log)
             masks[name] = keep

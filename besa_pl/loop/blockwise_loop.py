@@ -41,12 +41,13 @@ from besa_pl.eval.model_card import model_card, write_model_card
 from besa_pl.eval.plots import save_allocation_plot
 from besa_pl.eval.report import environment, report
 from besa_pl.loop.checkpoint import check_resume, loop_state
+from besa_pl.loop.nm_check import check_n_of_m
 from besa_pl.loop.sparsity_report import FINISHED_MARKER, sparsity_report
 from besa_pl.models.activations import capture_block_inputs, kwargs_to, run_block
 from besa_pl.models.loading import prunable_linears, torch_dtype
 from besa_pl.models.weights import ShardWriter, WeightStore
 from besa_pl.oneshot.baselines import check_shapes, prune_linear
-from besa_pl.oneshot.importance import rank_linears, reference_pass
+from besa_pl.oneshot.importance import reference_pass, score_linears
 from besa_pl.quant.packed import PackedWriter
 from besa_pl.quant.quantizer import burn_in, rtn_params
 
@@ -216,9 +217,9 @@ class BlockwiseLoop(Callback):
             outputs = run_block(block, cache.dense_inputs, kwargs, device)
         cache.targets = outputs if s.method == "besa" or s.dense_trajectory else None
         if s.method == "besa":
-            ranks = rank_linears(block, stats, s.importance, s.importance_damping)
+            scores = score_linears(block, stats, s.importance, s.importance_damping)
             state, self._pending_state = self._pending_state, None
-            pruner.begin_training(BESABlock(block, kwargs_to(kwargs, device), ranks, s), state)
+            pruner.begin_training(BESABlock(block, kwargs_to(kwargs, device), scores, s), state)
         else:
             self._prune_one_shot(pruner, linears, stats, index)
 
@@ -255,13 +256,15 @@ class BlockwiseLoop(Callback):
         work = self.work
         index = work.index
         block = source.blocks[index]
-        learned, expected = None, s.target
-        if pruner.current is not None:  # BESA: the hard masks of the learned rates, burned in
+        learned, expected, column_weights = None, s.target, None
+        if pruner.current is not None:  # BESA: the hard masks of the learned rates (or scales), burned in
             rates = pruner.current.learned_rates()
+            column_weights = pruner.current.column_weights()
             expected = pruner.current.expected_sparsity().item()
             work.clipping = pruner.current.clipping_strengths()
             work.masks, work.qparams = pruner.current.finalize()
-            learned = {name: rate_summary(r) for name, r in rates.items()}
+            if column_weights is None:
+                learned = {name: rate_summary(r) for name, r in rates.items()}
             pruner.end_training()
         if s.reconstruction != "none":
             grids = (
@@ -283,7 +286,9 @@ class BlockwiseLoop(Callback):
                 s,
                 grids,
                 log=lambda msg: console.print(f"[yellow]block {index} reconstruction:[/] {msg}"),
+                column_weights=column_weights,
             )
+        n_of_m = check_n_of_m(block, *s.nm, index) if s.nm is not None else None
         if s.dense_trajectory:
             cache.dense_inputs = cache.targets
         cache.targets = None
@@ -292,6 +297,10 @@ class BlockwiseLoop(Callback):
         if self.packed is not None:
             self.packed.write_block(index, block, source.block_prefix(index), work.masks, work.qparams)
         record = block_record(index, block, expected, loss, learned, shard, digest=trainer.is_global_zero)
+        if n_of_m is not None:
+            record["n_of_m"] = n_of_m
+        if column_weights is not None:
+            record["learned_scales"] = {name: scale_summary(w) for name, w in column_weights.items()}
         source.release_block(index)
         pruner.records.append(record)
         self.work = None
@@ -358,6 +367,12 @@ def rate_summary(rates: torch.Tensor) -> dict:
         "max": float(rates.max()),
         "histogram": torch.histc(rates, bins=100, min=0.0, max=1.0).int().tolist(),
     }
+
+
+def scale_summary(column_weight: torch.Tensor) -> dict:
+    """A layer's learned channel scales (exp(log_scale), the square root of the saliency factor) in brief."""
+    scales = column_weight.float().sqrt()
+    return {"mean": float(scales.mean()), "min": float(scales.min()), "max": float(scales.max())}
 
 
 def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ def sparsity_report(records: list[dict], settings) -> dict[str, Any]:
         blocks[str(record["block"])] = {"sparsity": record["realised_sparsity"], "layers": record["layers"]}
         zeros += record["realised_sparsity"] * record["weights"]
         total += record["weights"]
-    return {
+    report = {
         "overall": zeros / total if total else 0.0,
         "blocks": blocks,
         "method": settings.method,
@@ -25,6 +25,18 @@ def sparsity_report(records: list[dict], settings) -> dict[str, Any]:
         "learned_rates": {str(r["block"]): r["learned_rates"] for r in records if "learned_rates" in r},
         "expected_sparsity": {str(r["block"]): r["expected_sparsity"] for r in records},
     }
+    if settings.nm is not None:  # the exact check of every written linear (loop/nm_check.py)
+        n, m = settings.nm
+        checked = [r["n_of_m"] for r in records]
+        report["n_of_m"] = {
+            "n": n,
+            "m": m,
+            "groups": sum(c["groups"] for c in checked),
+            "groups_over_n": sum(c["groups_over_n"] for c in checked),
+        }
+    if any("learned_scales" in r for r in records):
+        report["learned_scales"] = {str(r["block"]): r["learned_scales"] for r in records if "learned_scales" in r}
+    return report
 
 
 def is_finished_run(root: str | Path) -> bool:

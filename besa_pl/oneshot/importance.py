@@ -135,12 +135,12 @@ def reference_pass(block: nn.Module, inputs: Tensor, kwargs: dict, device, gram:
     return outputs, stats
 
 
-def rank_linears(
+def score_linears(
     block: nn.Module, stats: dict[str, InputStatistics], metric: str, percdamp: float = 0.01
 ) -> dict[str, Tensor]:
-    """Per-row ranks of every linear's weights under `metric`, from the reference pass's statistics
+    """Every linear's importance scores under `metric`, from the reference pass's statistics
     (`percdamp`: the damping of the sparsegpt metric)."""
     return {
-        name: row_ranks(importance_scores(metric, linear.weight, stats[name], percdamp))
+        name: importance_scores(metric, linear.weight, stats[name], percdamp)
         for name, linear in prunable_linears(block).items()
     }

@@ -1,0 +1,168 @@
+"""Choose the measured defaults on held-out data only, and write down why (bench/results/selection.md).
+
+Each decision is a list of candidate settings. Every candidate prunes the demo model on the same
+C4 calibration draw and is scored on held-out text only: the C4 train documents calibration did not
+draw (`heldout`) and PTB's validation split (`ptb-valid`). The score is the mean log perplexity over
+the two; the lowest wins. WikiText2 test, PTB test, C4 validation and the zero-shot items are never
+read: `held_out()` refuses them, and the evaluation callbacks get nothing else.
+
+    python bench/selection.py --data-dir DATA --decisions nm --nsamples 64 --seqlen 256 --max-windows 16
+    python bench/selection.py --report          # selection.md from the stored runs only
+
+Runs are stored in bench/results/selection/<decision>/<candidate>-<N>x<T>-w<W>.json and are not run
+again (`--force` to redo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality import commit, run_one  # noqa: E402 (bench scripts import each other by path)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HELD_OUT = ("heldout", "ptb-valid")  # calibration-source documents not drawn; PTB validation
+TEST_SETS = ("wikitext2", "ptb", "c4")  # WikiText2 test, PTB test, C4 validation
+
+# decision -> (what it decides, sparsity, {candidate: settings}); the first candidate is today's default.
+DECISIONS: dict[str, tuple[str, float, dict[str, dict]]] = {
+    "nm": (
+        "the closed-form part after BESA's learned channel scales under 2:4, and whether the learned part pays",
+        0.5,
+        {
+            "scales-select": {"method": "besa", "structure": "2:4"},
+            "scales-masks-kept": {"method": "besa", "structure": "2:4", "reconstruct": "obs"},
+            "no-learned-part": {"method": "sparsegpt", "structure": "2:4", "reconstruct": "obs_select"},
+        },
+    ),
+    "nm_lr": (
+        "AdamW's learning rate for the channel scales under 2:4 (model.nm_lr)",
+        0.5,
+        {
+            "lr-0.01": {"method": "besa", "structure": "2:4", "nm_lr": 0.01},
+            "lr-0.003": {"method": "besa", "structure": "2:4", "nm_lr": 0.003},
+            "lr-0.03": {"method": "besa", "structure": "2:4", "nm_lr": 0.03},
+        },
+    ),
+}
+
+
+def held_out(datasets: list[str]) -> list[str]:
+    """The evaluation datasets, refusing any test split (the selection must never see one)."""
+    for name in datasets:
+        if name in TEST_SETS:
+            raise SystemExit(f"bench/selection.py: {name} is a test split; choose settings on {' and '.join(HELD_OUT)}")
+        if name not in HELD_OUT:
+            raise SystemExit(f"bench/selection.py: unknown evaluation {name!r}; use {' and '.join(HELD_OUT)}")
+    return list(datasets)
+
+
+def score(perplexity: dict[str, float]) -> float:
+    """Mean log perplexity over the held-out sets (lower is better)."""
+    return sum(math.log(perplexity[name]) for name in HELD_OUT) / len(HELD_OUT)
+
+
+def run_path(decision: str, candidate: str, args) -> Path:
+    return RESULTS / "selection" / decision / f"{candidate}-{args.nsamples}x{args.seqlen}-w{args.max_windows}.json"
+
+
+def measure(decision: str, args) -> None:
+    _, sparsity, candidates = DECISIONS[decision]
+    quality_args = SimpleNamespace(
+        model=args.model,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=0,
+        data_dir=args.data_dir,
+        ppl=held_out(list(HELD_OUT)),
+        max_windows=args.max_windows,
+        eval_batch=4,
+        fidelity=None,
+        zero_shot=False,
+        dtype="float32",
+        out=args.out,
+        commit=commit(),
+    )
+    for candidate, settings in candidates.items():
+        path = run_path(decision, candidate, args)
+        if path.exists() and not args.force:
+            print(f"{path.name}: stored, skipped")
+            continue
+        results = run_one(f"select-{decision}-{candidate}", settings, sparsity, quality_args)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=2, default=float))
+        tmp.replace(path)
+        print(f"{path.name}: {results['perplexity']} score {score(results['perplexity']):.4f}", flush=True)
+
+
+def report(args) -> Path:
+    lines = [
+        "# Settings chosen on held-out data (bench/selection.py)",
+        "",
+        "Every candidate prunes the demo model on the same C4 calibration draw (seed 0) and is scored on",
+        "held-out text only: the C4 train documents calibration did not draw (`heldout`) and PTB validation",
+        "(`ptb-valid`), perplexity at 2048 tokens; score = mean log perplexity, lowest wins. No test split",
+        "(WikiText2 test, PTB test, C4 validation, zero-shot items) is read by this script.",
+        "",
+    ]
+    for decision, (what, sparsity, candidates) in DECISIONS.items():
+        rows = []
+        for candidate, settings in candidates.items():
+            path = run_path(decision, candidate, args)
+            if path.exists():
+                rows.append((candidate, settings, json.loads(path.read_text())))
+        if not rows:
+            continue
+        lines += [f"## {decision}: {what}", ""]
+        lines += ["| candidate | settings | heldout | ptb-valid | score | wall s | commit |", "|---|---|---|---|---|---|---|"]
+        for candidate, settings, result in rows:
+            ppl = result["perplexity"]
+            shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+            lines.append(
+                f"| {candidate} | {shown} | {ppl['heldout']:.3f} | {ppl['ptb-valid']:.3f} | "
+                f"{score(ppl):.4f} | {result['wall_s']:.0f} | {result['commit']} |"
+            )
+        best = min(rows, key=lambda row: score(row[2]["perplexity"]))
+        first = rows[0][2]
+        env = first.get("environment", {})
+        lines += [
+            "",
+            f"**Chosen: {best[0]}** ({len(rows)} of {len(candidates)} candidates measured). Calibration "
+            f"{first['calibration']}; first {args.max_windows} windows of each held-out set; torch "
+            f"{env.get('torch')}, {env.get('torch_threads')} threads, CPU {env.get('cpu')}.",
+            "",
+        ]
+    path = RESULTS / "selection.md"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--decisions", nargs="+", default=list(DECISIONS), choices=list(DECISIONS))
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--max-windows", type=int, default=16)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", default="runs/select")
+    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--report", action="store_true", help="only write selection.md from stored runs")
+    args = parser.parse_args()
+    if not args.report:
+        for decision in args.decisions:
+            measure(decision, args)
+    print(f"wrote {report(args)}")
+
+
+if __name__ == "__main__":
+    main()
