@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -53,9 +54,9 @@ DECISIONS: dict[str, tuple[str, float, dict[str, dict]]] = {
         "AdamW's learning rate for the channel scales under 2:4 (model.nm_lr)",
         0.5,
         {
-            "lr-0.01": {"method": "besa", "structure": "2:4", "nm_lr": 0.01},
-            "lr-0.003": {"method": "besa", "structure": "2:4", "nm_lr": 0.003},
-            "lr-0.03": {"method": "besa", "structure": "2:4", "nm_lr": 0.03},
+            "lr-0.01": {"method": "besa", "structure": "2:4", "reconstruct": "obs", "nm_lr": 0.01},
+            "lr-0.003": {"method": "besa", "structure": "2:4", "reconstruct": "obs", "nm_lr": 0.003},
+            "lr-0.03": {"method": "besa", "structure": "2:4", "reconstruct": "obs", "nm_lr": 0.03},
         },
     ),
 }
@@ -99,6 +100,8 @@ def measure(decision: str, args) -> None:
         code_commit=commit(*CODE),
     )
     for candidate, settings in candidates.items():
+        if args.candidates and candidate not in args.candidates:
+            continue
         path = run_path(decision, candidate, args)
         if path.exists() and not args.force:
             print(f"{path.name}: stored, skipped")
@@ -141,10 +144,11 @@ def report(args) -> Path:
         best = min(rows, key=lambda row: score(row[2]["perplexity"]))
         first = rows[0][2]
         env = first.get("environment", {})
+        calibration = re.sub(r"\S*/(c4/\S+)", r"DATA/\1", first["calibration"])  # the user's own data path
         lines += [
             "",
             f"**Chosen: {best[0]}** ({len(rows)} of {len(candidates)} candidates measured). Calibration "
-            f"{first['calibration']}; first {args.max_windows} windows of each held-out set; torch "
+            f"{calibration}; first {args.max_windows} windows of each held-out set; torch "
             f"{env.get('torch')}, {env.get('torch_threads')} threads, CPU {env.get('cpu')}.",
             "",
         ]
@@ -159,6 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--decisions", nargs="+", default=list(DECISIONS), choices=list(DECISIONS))
+    parser.add_argument("--candidates", nargs="+", help="only these candidates (default: all)")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--max-windows", type=int, default=16)

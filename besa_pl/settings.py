@@ -88,8 +88,8 @@ class PruneSettings:
         exact_sparsity: shift a block's learned rates by one common amount so it ends exactly at the
             target; false = the official code's floor(C * alpha) (about 0.3% below the target).
         reconstruct: what happens to the kept weights once a block's masks are learned, sublayer by
-            sublayer with SparseGPT's OBS sweep: auto (obs_select after BESA, none after the one-shot
-            methods) | none (the paper: they keep their dense values) | obs (update under the masks) |
+            sublayer with SparseGPT's OBS sweep: auto (obs_select after BESA, obs after BESA under N:M,
+            none after the one-shot methods) | none (the paper: they keep their dense values) | obs (update under the masks) |
             obs_select (the masks' counts per row and 128-column block; the sweep picks which weights)
             | obs_row (per-row counts) | obs_layer (per-layer counts). Under N:M, obs_select keeps N of
             every M, the sweep's saliency times BESA's learned channel scales, and obs keeps the masks.
@@ -192,10 +192,14 @@ class PruneSettings:
 
     @property
     def reconstruction(self) -> str:
-        """`reconstruct` with `auto` resolved: obs_select after BESA, none after the one-shot methods
-        (so `--model.method wanda` is Wanda as published)."""
+        """`reconstruct` with `auto` resolved: obs_select after BESA (obs under N:M), none after the
+        one-shot methods (so `--model.method wanda` is Wanda as published)."""
         if self.reconstruct == "auto":
-            return "obs_select" if self.method == "besa" else "none"
+            if self.method != "besa":
+                return "none"
+            # under N:M the learned masks are kept: on held-out text re-choosing them by the sweep's
+            # saliency (times the learned scales) did worse (bench/results/selection.md)
+            return "obs" if self.nm is not None else "obs_select"
         return self.reconstruct
 
     @property

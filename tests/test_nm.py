@@ -31,7 +31,7 @@ def kept_per_group(weight, m):
 
 @pytest.mark.parametrize("structure", ["2:4", "4:8"])
 def test_the_default_path_keeps_at_most_n_of_every_m(structure, tiny_model_dir, calibration_text, tmp_path):
-    """BESA + obs_select + exact solve + swaps (the defaults), every written linear checked."""
+    """BESA's channel scales + their masks kept + exact solve + swaps (the defaults), every written linear checked."""
     run_cli(fit_args(tiny_model_dir("llama"), calibration_text, tmp_path, "--model.structure", structure))
     n, m = map(int, structure.split(":"))
     weights = saved_weights(tmp_path / "pruned")
@@ -43,7 +43,7 @@ def test_the_default_path_keeps_at_most_n_of_every_m(structure, tiny_model_dir, 
     assert report["n_of_m"] == {"n": n, "m": m, "groups": sum(w.numel() // m for w in linears), "groups_over_n": 0}
     assert set(report["learned_scales"]) == {"0", "1", "2"}
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["variant"].startswith(f"BESA {structure} (learned channel scales) + SparseGPT's sweep choosing")
+    assert results["variant"].startswith(f"BESA {structure} (learned channel scales) + OBS update under its masks")
     assert results["target_sparsity"] == pytest.approx(1 - n / m)
 
 
