@@ -9,19 +9,21 @@ from torch import nn
 
 from besa_pl.besa.block import BESABlock
 from besa_pl.besa.channel_scales import ChannelScales
-from besa_pl.besa.loss import reconstruction_loss
 from besa_pl.closedform.mask_swaps import swap_refine
 from besa_pl.closedform.masked_solve import masked_least_squares
 from besa_pl.closedform.obs import GroupSelect, obs_sweep
 from besa_pl.errors import BesaError
 from besa_pl.loop.nm_check import groups_over_n
-from besa_pl.models.activations import run_block
-from besa_pl.models.loading import prunable_linears
-from besa_pl.oneshot.importance import InputStatistics, importance_scores
 from besa_pl.settings import PruneSettings
 
 from .conftest import fit_args, run_cli, saved_weights
-from .test_reconstruction import correlated_inputs, gram, tiny_block  # noqa: F401 (a fixture)
+from .test_reconstruction import (  # noqa: F401 (tiny_block: a fixture)
+    correlated_inputs,
+    gram,
+    reference_and_scores,
+    tiny_block,
+    train_a_few_epochs,
+)
 from .test_resume import interrupt_config
 
 
@@ -85,26 +87,11 @@ def test_learned_scales_move_and_lower_the_blocks_error_against_their_initial_ma
     """Fails if the N:M learned part stops learning: trained on the block's reconstruction loss, the
     scales leave 0 and the block's output error falls below that of the initial (Wanda 2:4) masks."""
     block, inputs, kwargs = tiny_block
-    linears = prunable_linears(block)
-    stats = {name: InputStatistics(linear) for name, linear in linears.items()}
-    target = run_block(block, inputs, kwargs, "cpu")
-    for stat in stats.values():
-        stat.remove()
-    scores = {name: importance_scores("wanda", linears[name].weight, stats[name]) for name in linears}
-    dense = {name: linear.weight.detach().clone() for name, linear in linears.items()}
+    linears, target, scores, dense = reference_and_scores(block, inputs, kwargs)
     besa = BESABlock(block, kwargs, scores, PruneSettings(structure="2:4"))
     try:
         initial_masks = {name: besa.allocation(name).hard_mask() for name in linears}
-        with torch.no_grad():
-            initial = reconstruction_loss(besa(inputs), target)
-        (optimizer,) = besa.configure_optimizers()
-        for _ in range(6):
-            for i in range(inputs.shape[0]):
-                optimizer.zero_grad()
-                besa.training_step((inputs[i : i + 1], target[i : i + 1])).backward()
-                optimizer.step()
-        with torch.no_grad():
-            learned = reconstruction_loss(besa(inputs), target)
+        initial, learned = train_a_few_epochs(besa, inputs, target)
         assert learned < initial
         assert any(float(besa.allocation(name).log_scale.detach().abs().max()) > 0.01 for name in linears)
         assert any(not torch.equal(besa.allocation(name).hard_mask(), initial_masks[name]) for name in linears)

@@ -279,10 +279,8 @@ def test_exact_solve_with_joint_quantization_puts_every_kept_weight_on_its_grid(
                 linear.weight.copy_(dense[name])
 
 
-def test_besa_learns_better_masks_than_its_uniform_start(tiny_block):
-    """Fails if BESA stops learning: after training, the block's output error is lower than with the
-    initial masks (every row at the target: per-row Wanda) and the rates have moved off uniform."""
-    block, inputs, kwargs = tiny_block
+def reference_and_scores(block, inputs, kwargs):
+    """The dense block's outputs, every linear's Wanda scores and dense weights (to restore them)."""
     linears = prunable_linears(block)
     stats = {name: InputStatistics(linear) for name, linear in linears.items()}
     target = run_block(block, inputs, kwargs, "cpu")
@@ -290,19 +288,32 @@ def test_besa_learns_better_masks_than_its_uniform_start(tiny_block):
         stat.remove()
     scores = {name: importance_scores("wanda", linears[name].weight, stats[name]) for name in linears}
     dense = {name: linear.weight.detach().clone() for name, linear in linears.items()}
+    return linears, target, scores, dense
+
+
+def train_a_few_epochs(besa, inputs, target, epochs: int = 6) -> tuple[float, float]:
+    """The block's output error before and after `epochs` passes of one sample per step."""
+    with torch.no_grad():
+        initial = float(reconstruction_loss(besa(inputs), target))
+    (optimizer,) = besa.configure_optimizers()
+    for _ in range(epochs):
+        for i in range(inputs.shape[0]):
+            optimizer.zero_grad()
+            besa.training_step((inputs[i : i + 1], target[i : i + 1])).backward()
+            optimizer.step()
+    with torch.no_grad():
+        return initial, float(reconstruction_loss(besa(inputs), target))
+
+
+def test_besa_learns_better_masks_than_its_uniform_start(tiny_block):
+    """Fails if BESA stops learning: after training, the block's output error is lower than with the
+    initial masks (every row at the target: per-row Wanda) and the rates have moved off uniform."""
+    block, inputs, kwargs = tiny_block
+    linears, target, scores, dense = reference_and_scores(block, inputs, kwargs)
     besa = BESABlock(block, kwargs, scores, PruneSettings(d_coef=20.0, smoothing_scale=3.0))
     try:
-        with torch.no_grad():
-            initial = reconstruction_loss(besa(inputs), target)
-        (optimizer,) = besa.configure_optimizers()
-        for _ in range(6):
-            for i in range(inputs.shape[0]):
-                optimizer.zero_grad()
-                besa.training_step((inputs[i : i + 1], target[i : i + 1])).backward()
-                optimizer.step()
+        initial, learned = train_a_few_epochs(besa, inputs, target)
         rates = besa.learned_rates()
-        with torch.no_grad():
-            learned = reconstruction_loss(besa(inputs), target)
         assert learned < initial
         assert any(float((r - 0.5).abs().max()) > 0.02 for r in rates.values())
         assert abs(float(besa.expected_sparsity()) - 0.5) < 0.01
