@@ -192,7 +192,11 @@ def write_table(results: Path, calibration: str, code_commit: str) -> None:
                 if d is not None and reference and name != "dense":
                     seeds = {r["calibration"]: _ppl(r, "wikitext2", count) for r in by_run[reference]}
                     # each seed against SparseGPT on the same calibration draw
-                    ratios = [(p - d) / (seeds[r["calibration"]] - d) for r, p in zip(group, ppls) if r["calibration"] in seeds]
+                    ratios = [
+                        (p - d) / (seeds[r["calibration"]] - d)
+                        for r, p in zip(group, ppls)
+                        if r["calibration"] in seeds
+                    ]
                 run = group[0]
                 zero = run.get("zero_shot", {}) if run.get("zero_shot", {}).get("limit") is None else {}
                 accs = [f"{100 * zero['tasks'][t]['acc']:.2f}" if t in zero.get("tasks", {}) else "-" for t in TASKS]

@@ -130,7 +130,7 @@ def report(args) -> Path:
         "as measured, sometimes with other work on the machine: not speed figures.",
         "",
     ]
-    for decision, (what, sparsity, candidates) in DECISIONS.items():
+    for decision, (what, _sparsity, candidates) in DECISIONS.items():
         rows = []
         for candidate, settings in candidates.items():
             path = run_path(decision, candidate, args)
@@ -139,7 +139,10 @@ def report(args) -> Path:
         if not rows:
             continue
         lines += [f"## {decision}: {what}", ""]
-        lines += ["| candidate | settings | heldout | ptb-valid | score | wall s | commit |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| candidate | settings | heldout | ptb-valid | score | wall s | commit |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for candidate, settings, result in rows:
             ppl = result["perplexity"]
             shown = ", ".join(f"{k}={v}" for k, v in settings.items())

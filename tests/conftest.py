@@ -232,3 +232,16 @@ def fit_args(model_dir: Path, text: Path, root: Path, *extra: str) -> list[str]:
         "false",
         *extra,
     ]
+
+
+@pytest.fixture(scope="module")
+def tiny_block(tiny_model_dir):
+    """Block 1 of the tiny LLaMA with what it receives for 6 random sequences: (block, inputs, kwargs)."""
+    from besa_pl.models.activations import capture_block_inputs
+    from besa_pl.models.loading import decoder_blocks, load_model
+
+    model, _ = load_model(str(tiny_model_dir("llama")))
+    tokens = torch.randint(0, 512, (6, 48), generator=torch.Generator().manual_seed(0))
+    cache = capture_block_inputs(model, tokens)
+    block = decoder_blocks(model)[1]
+    return block, cache.inputs, cache.block_kwargs[1]

@@ -17,13 +17,7 @@ from besa_pl.loop.nm_check import groups_over_n
 from besa_pl.settings import PruneSettings
 
 from .conftest import fit_args, run_cli, saved_weights
-from .test_reconstruction import (  # noqa: F401 (tiny_block: a fixture)
-    correlated_inputs,
-    gram,
-    reference_and_scores,
-    tiny_block,
-    train_a_few_epochs,
-)
+from .test_reconstruction import correlated_inputs, gram, reference_and_scores, train_a_few_epochs
 from .test_resume import interrupt_config
 
 

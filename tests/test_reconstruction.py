@@ -17,8 +17,8 @@ from besa_pl.closedform.obs import (
     obs_sweep,
 )
 from besa_pl.closedform.reconstruction import reconstruct_block, sequential_groups
-from besa_pl.models.activations import capture_block_inputs, run_block
-from besa_pl.models.loading import decoder_blocks, load_model, prunable_linears
+from besa_pl.models.activations import run_block
+from besa_pl.models.loading import prunable_linears
 from besa_pl.oneshot.importance import InputStatistics, importance_scores
 from besa_pl.quant.quantizer import apply_params
 from besa_pl.settings import PruneSettings
@@ -169,15 +169,6 @@ def test_swap_rounds_stop_once_a_round_gains_less_than_the_tolerance():
     default = swap_refine(solved, weight, h, keep, rounds=10)
     assert objective(every_round[0]) < objective(one_round[0])  # later rounds do gain here
     assert objective(default[0]) <= objective(every_round[0]) * (1 + 1e-2)
-
-
-@pytest.fixture(scope="module")
-def tiny_block(tiny_model_dir):
-    model, _ = load_model(str(tiny_model_dir("llama")))
-    tokens = torch.randint(0, 512, (6, 48), generator=torch.Generator().manual_seed(0))
-    cache = capture_block_inputs(model, tokens)
-    block = decoder_blocks(model)[1]
-    return block, cache.inputs, cache.block_kwargs[1]
 
 
 def test_true_sequential_groups_follow_the_blocks_call_order(tiny_block):
