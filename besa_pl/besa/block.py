@@ -133,9 +133,10 @@ class BESABlock(L.LightningModule):
             reconstruction += rec.item()
             if math.isfinite(reconstruction):
                 add(rec)
-        penalty = self.penalty()
-        if with_penalty and penalty.requires_grad:  # N:M: the rate is fixed, no penalty to follow
-            add(penalty)
+        if with_penalty:
+            penalty = self.penalty()
+            if penalty.requires_grad:  # N:M: the rate is fixed, no penalty to follow
+                add(penalty)
         return sums, reconstruction, self.expected_sparsity().item()
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:

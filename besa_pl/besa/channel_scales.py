@@ -11,9 +11,10 @@ spirit of BESA (few parameters per layer, trained on the block's reconstruction 
 one learned `log_scale` per input channel j of each linear (init 0 = the one-shot ranking). The
 forward pass uses the hard top-N mask; the gradient reaches the scales through a soft mask,
 sigmoid((z - tau) / T), with tau midway between each group's N-th and (N+1)-th scores
-(straight-through, as BESA's own masks; Bengio et al., 2013). The closed-form part that follows
-(`closedform/reconstruction.py`) weighs the OBS saliency by the learned scales when it picks the
-final N of M (`ChannelScales.column_weight`).
+(straight-through, as BESA's own masks; Bengio et al., 2013). By default the closed-form part that
+follows (`closedform/reconstruction.py`, `--model.reconstruct obs`) keeps the learned masks; with
+`obs_select` it re-chooses N of M by the OBS saliency times the learned scales
+(`ChannelScales.column_weight`), which did worse on held-out text.
 """
 
 from __future__ import annotations

@@ -54,28 +54,17 @@ class Selection(Protocol):
 
 @dataclass(frozen=True)
 class SaliencySelect:
-    """SparseGPT's mask choice during the sweep: in each lazy block, the weights with the lowest
-    OBS saliency w^2 / U_cc^2 (as updated so far); with N:M, N of every M columns, chosen when the
-    sweep reaches them."""
+    """SparseGPT's unstructured mask choice during the sweep: in each lazy block, the weights with
+    the lowest OBS saliency w^2 / U_cc^2 (as updated so far). N:M is `GroupSelect`."""
 
     sparsity: float
-    structure: tuple[int, int] | None = None
     sees_rest = False
 
-    @property
-    def group(self) -> int | None:
-        return self.structure[1] if self.structure else None
-
     def window(self, i: int, width: int) -> int:
-        span = self.structure[1] if self.structure else width  # N:M decides each group of M
-        return min(span, width - i) if i % span == 0 else 0
+        return width if i == 0 else 0
 
     def __call__(self, w: Tensor, diag: Tensor, column: int, window: int) -> Tensor:
         saliency = w.pow(2) / diag.pow(2).view(1, -1)
-        if self.structure is not None:
-            n, m = self.structure
-            drop = torch.topk(saliency, m - n, dim=1, largest=False).indices
-            return torch.zeros_like(w, dtype=torch.bool).scatter_(1, drop, True)
         pruned = torch.zeros_like(w, dtype=torch.bool)
         cut = int(saliency.numel() * self.sparsity)
         if cut > 0:

@@ -258,13 +258,12 @@ class BlockwiseLoop(Callback):
         block = source.blocks[index]
         learned, expected, column_weights = None, s.target, None
         if pruner.current is not None:  # BESA: the hard masks of the learned rates (or scales), burned in
-            rates = pruner.current.learned_rates()
-            column_weights = pruner.current.column_weights()
+            column_weights = pruner.current.column_weights()  # N:M: the learned scales, no rates
+            if column_weights is None:
+                learned = {name: rate_summary(r) for name, r in pruner.current.learned_rates().items()}
             expected = pruner.current.expected_sparsity().item()
             work.clipping = pruner.current.clipping_strengths()
             work.masks, work.qparams = pruner.current.finalize()
-            if column_weights is None:
-                learned = {name: rate_summary(r) for name, r in rates.items()}
             pruner.end_training()
         if s.reconstruction != "none":
             grids = (

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from besa_pl.closedform.obs import QuantGrid, SaliencySelect, obs_sweep
+from besa_pl.closedform.obs import GroupSelect, QuantGrid, SaliencySelect, obs_sweep
 from besa_pl.errors import BesaError
 from besa_pl.models.loading import prunable_linears
 from besa_pl.oneshot.importance import InputStatistics, magnitude_scores, wanda_scores
@@ -53,7 +53,8 @@ def sparsegpt_prune(
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
     """SparseGPT: choose the mask during the OBS sweep and update the kept weights (quantizing them
     too, GPTQ-style, with a `grid`). Returns (new weight in fp32, keep mask, (scale, zero) or None)."""
-    return obs_sweep(weight, hessian, select=SaliencySelect(sparsity, structure), grid=grid, percdamp=percdamp, log=log)
+    select = GroupSelect(*structure) if structure is not None else SaliencySelect(sparsity)
+    return obs_sweep(weight, hessian, select=select, grid=grid, percdamp=percdamp, log=log)
 
 
 @torch.no_grad()
