@@ -4,8 +4,8 @@ Every run goes through the same Trainer, BlockwiseLoop and evaluation callbacks 
 and writes its results to `bench/results/runs/<model>/<run>-s<sparsity>-<N>x<T>.json`; a run whose
 file exists is not measured again (`--force` to redo) unless it came from other code (another
 `code_commit`: the last commit that changed besa_pl/ or this script), which moves it to
-bench/results/archive/runs/ and runs it again. `--table` writes bench/results/quality.md and .png
-(128 x 512 calibration; quality-<N>x<T>.* for others) from the stored runs of the current code commit
+bench/results/archive/runs/<run>@<code commit>.json and runs it again. `--table` writes
+bench/results/quality.md and .png (128 x 512 calibration; quality-<N>x<T>.* for others) from the stored runs of the current code commit
 with that calibration, and refuses a table whose rows differ in environment.
 
     python bench/quality.py --data-dir path/to/data --sparsities 0.5 0.6 0.7 \\
@@ -174,6 +174,20 @@ def result_path(args, name: str, sparsity: float) -> Path:
     return RESULTS / "runs" / args.model / f"{name}-s{sparsity}-{args.nsamples}x{args.seqlen}{seed}{windows}.json"
 
 
+def archive_stale(path: Path, stored: dict, folder: Path) -> Path:
+    """Move a run of other code to `folder` under a name that says its code commit, so that the
+    archive keeps every earlier state instead of the latest one replacing the one before."""
+    state = stored.get("code_commit") or stored.get("commit") or "unknown"
+    archive = folder / f"{path.stem}@{state}{path.suffix}"
+    for n in range(1, 1000):
+        if not archive.exists():
+            break
+        archive = folder / f"{path.stem}@{state}-{n}{path.suffix}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.replace(archive)
+    return archive
+
+
 def satisfied(stored: dict, args, sparsity: float, zero_shot: bool = True) -> bool:
     """Whether a stored run already has every evaluation asked for (zero-shot too unless told not
     to look), on the same windows."""
@@ -208,9 +222,7 @@ def measure(args) -> None:
             if stored is not None and stored.get("code_commit") != args.code_commit:
                 # another code state: one table must not mix it with this one, so it is run again
                 # and the old file kept in the archive
-                archive = RESULTS / "archive" / "runs" / args.model / path.name
-                archive.parent.mkdir(parents=True, exist_ok=True)
-                path.replace(archive)
+                archive = archive_stale(path, stored, RESULTS / "archive" / "runs" / args.model)
                 print(f"{path.name}: from code commit {stored.get('code_commit')}, moved to {archive}; running again")
                 stored = None
             other = set(stored.get("perplexity", {})) - set(args.ppl) if stored is not None else set()
