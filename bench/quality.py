@@ -107,7 +107,7 @@ def commit(*paths: str) -> str:
 CODE = ("../besa_pl", "quality.py")
 
 
-def run_one(name: str, settings: dict, sparsity: float, args) -> dict:
+def run_one(name: str, settings: dict, sparsity: float, root: Path, args) -> dict:
     from besa_pl import BESAPruner, CalibrationDataModule
     from besa_pl.callbacks import FidelityEval, PerplexityEval, ZeroShotEval
     from besa_pl.loop.trainer import make_trainer
@@ -126,7 +126,6 @@ def run_one(name: str, settings: dict, sparsity: float, args) -> dict:
         callbacks.append(FidelityEval(nsamples=args.fidelity[0], seqlen=args.fidelity[1], seed=FIDELITY_SEED))
     if args.zero_shot and sparsity in args.zero_shot_sparsities:
         callbacks.append(ZeroShotEval(limit=args.zero_shot_limit, batch_size=32))
-    root = Path(args.out) / args.model / f"{name}-s{sparsity}"
     trainer = make_trainer(root, callbacks, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     start = time.perf_counter()
     trainer.fit(pruner, datamodule=data)
@@ -234,14 +233,16 @@ def measure(args) -> None:
             if stored is not None and satisfied(stored, args, sparsity):
                 print(f"{path.name}: stored, skipped")
                 continue
-            root = Path(args.out) / args.model / f"{name}-s{sparsity}"
+            # one output folder per result file: a later zero-shot evaluation of this run must read
+            # this run's model, not one of another seed or calibration with the same name
+            root = Path(args.out) / args.model / path.stem
             # the dense model is the pretrained one; a pruned run saved its model under root/pruned
             source = args.model if dense else str(root / "pruned")
             saved = dense or Path(source).is_dir()
             if stored is not None and satisfied(stored, args, sparsity, zero_shot=False) and saved:
                 results = evaluate_stored(stored, source, root, args)  # only the zero-shot evaluation is missing
             else:
-                results = run_one(name, settings, sparsity, args)
+                results = run_one(name, settings, sparsity, root, args)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(results, indent=2, default=float))
