@@ -124,6 +124,11 @@ def _spread(values: list, digits: int) -> str:
     return f"{mean:.{digits}f} +/- {sd:.{digits}f}"
 
 
+def _seed(run: dict) -> int:
+    """The calibration draw's seed, as the run recorded it ("64 x 256 tokens, ..., seed 1")."""
+    return int(re.search(r"seed (\d+)", run["calibration"]).group(1))
+
+
 def _windows(run: dict, dataset: str) -> int | None:
     return run.get("perplexity_details", {}).get(dataset, {}).get("windows")
 
@@ -211,6 +216,12 @@ def write_table(results: Path, calibration: str, code_commit: str) -> None:
                     + " | ".join(accs)
                     + f" | {mean} | {', '.join(sorted({r.get('commit', '?') for r in group}))} |"
                 )
+            # several seeds: each draw's figure, so that paired differences can be read off
+            several = [name for name in names if len(by_run[name]) > 1]
+            lines += [""] if several else []
+            for name in several:
+                each = sorted((_seed(r), _ppl(r, "wikitext2", count)) for r in by_run[name])
+                lines.append(f"- {name} per seed: " + ", ".join(f"seed {k} {_fmt(v)}" for k, v in each))
             lines.append("")
     # the data folder is the user's own path: shown as DATA
     commands = sorted({re.sub(r"--data-dir \S+", "--data-dir DATA", r["command"]) for r in shown if r.get("command")})
