@@ -111,7 +111,8 @@ def measure(decision: str, args) -> None:
         if path.exists() and not args.force:
             print(f"{path.name}: stored, skipped")
             continue
-        results = run_one(f"select-{decision}-{candidate}", settings, sparsity, quality_args)
+        root = Path(args.out) / args.model / f"select-{decision}-{path.stem}"  # one folder per stored run
+        results = run_one(f"select-{decision}-{candidate}", settings, sparsity, root, quality_args)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=2, default=float))
