@@ -65,6 +65,19 @@ DECISIONS: dict[str, tuple[str, float, dict[str, dict]]] = {
         },
     ),
 }
+# SparseGPT's damping (model.percdamp) in the default's closed-form part, per sparsity band: the
+# default (unset) is 0.1 up to 50% sparsity (2:4 included) and 0.01 above.
+for _band, _sparsity, _extra in [
+    ("50", 0.5, {}),
+    ("60", 0.6, {}),
+    ("70", 0.7, {}),
+    ("24", 0.5, {"structure": "2:4", "reconstruct": "obs", "nm_lr": 0.003}),
+]:
+    DECISIONS[f"damping-{_band}"] = (
+        f"SparseGPT's damping in the default's closed-form part at {'2:4' if _extra else _band + '%'} (model.percdamp)",
+        _sparsity,
+        {f"d{d}": {"method": "besa", **_extra, "percdamp": d} for d in (0.01, 0.1)},
+    )
 
 
 def held_out(datasets: list[str]) -> list[str]:
