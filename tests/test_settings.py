@@ -70,12 +70,13 @@ def test_results_name_the_variant_and_a_damping_other_than_the_methods_own():
     assert PruneSettings(reconstruct="none").variant() == "BESA (the paper's: no reconstruction)"
 
 
-def test_the_damping_is_sparsegpts_except_for_the_reconstruction_up_to_half_sparsity():
+def test_the_damping_is_sparsegpts_except_for_the_reconstruction_up_to_60_percent_sparsity():
     from besa_pl.settings import PruneSettings
 
     assert PruneSettings(method="sparsegpt").damping == 0.01  # as published
     assert PruneSettings().damping == 0.1 and PruneSettings(method="wanda", reconstruct="obs").damping == 0.1
-    assert PruneSettings(sparsity=0.6).damping == 0.01 and PruneSettings(sparsity=0.7).damping == 0.01
+    assert PruneSettings(sparsity=0.6).damping == 0.1 and PruneSettings(sparsity=0.65).damping == 0.01
+    assert PruneSettings(sparsity=0.7).damping == 0.01 and PruneSettings(structure="2:4").damping == 0.1
     assert PruneSettings(sparsity=0.7).variant() == PruneSettings().variant()  # the method's own damping
     assert PruneSettings(method="sparsegpt", percdamp=0.05).damping == 0.05
     # results and checkpoints record the damping that ran, not "auto"
