@@ -4,8 +4,10 @@ and (for the tests marked `integration` only) the real data folder."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import random
+import sys
 from pathlib import Path
 
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # before torch: the same float sums on a busy machine
@@ -232,6 +234,15 @@ def fit_args(model_dir: Path, text: Path, root: Path, *extra: str) -> list[str]:
         "false",
         *extra,
     ]
+
+
+def load_file(path: Path):
+    """Import a script of the repository (bench/, scripts/) by its path: they are not a package."""
+    spec = importlib.util.spec_from_file_location(f"_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")

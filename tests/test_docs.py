@@ -5,28 +5,22 @@ the layout besa-pl reads."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import inspect
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO, load_file
+
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
 README_MAX_LINES = 200
 
 
 def load_script(name: str):
-    path = REPO / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_scripts_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_file(REPO / "scripts" / f"{name}.py")
 
 
 @pytest.fixture(scope="module")

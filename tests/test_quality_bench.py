@@ -1,19 +1,15 @@
 """bench/quality.py keeps every earlier code state of a run in its archive."""
 
-import importlib.util
 import json
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, load_file
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("bench_quality", REPO / "bench" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file(REPO / "bench" / "quality.py")
 
 
 def test_a_stale_run_is_archived_under_its_code_commit_without_replacing_an_older_one(quality, tmp_path):

@@ -1,20 +1,16 @@
 """bench/selection.py chooses defaults on held-out text only: its reader refuses every test split."""
 
-import importlib.util
 import json
 from types import SimpleNamespace
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, load_file
 
 
 @pytest.fixture(scope="module")
 def selection():
-    spec = importlib.util.spec_from_file_location("bench_selection", REPO / "bench" / "selection.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file(REPO / "bench" / "selection.py")
 
 
 @pytest.mark.parametrize("name", ["wikitext2", "ptb", "c4"])
