@@ -144,7 +144,8 @@ def write_table(results: Path, calibration: str, code_commit: str) -> None:
     """The tables of every stored run of `code_commit` (the last commit that changed the package or
     bench/quality.py) measured on WikiText2 with this calibration; the dense model needs none, so any
     dense run of that code serves. Runs of other code are left out (older ones stay in
-    bench/results/runs/ and bench/results/archive/); a table whose rows differ in environment is refused."""
+    bench/results/runs/ and bench/results/archive/). Runs of another environment (a calibration re-run on
+    another machine) get tables of their own; a dense reference from another environment is refused."""
     runs = [
         r
         for r in load_runs(results)
@@ -155,11 +156,21 @@ def write_table(results: Path, calibration: str, code_commit: str) -> None:
     ]
     if not runs:
         raise SystemExit(f"no stored run of code commit {code_commit} with {calibration} calibration; run them first")
+    # one table per code state: a calibration run again on another machine gets tables of its own,
+    # each with its own dense and SparseGPT references, never rows mixed across machines
+    count_of = defaultdict(int)
+    for run in runs:
+        count_of[code_state(run)] += 1
+    states = sorted(count_of, key=lambda state: -count_of[state])
+    primary = states[0]
     lines = [
         "# Quality benchmark",
         "",
         f"Every row: code commit {code_commit} (the last commit that changed besa_pl/ or bench/quality.py), one",
-        "environment: " + ", ".join(f"{k} {runs[0]['environment'].get(k)}" for k in ENVIRONMENT_KEYS) + ".",
+        "environment per table: "
+        + _environment(primary)
+        + ("" if len(states) == 1 else ", unless its title names another")
+        + ".",
         "",
     ]
     shown: list[dict] = []  # the runs in the tables, whose commands the caption lists
@@ -168,69 +179,20 @@ def write_table(results: Path, calibration: str, code_commit: str) -> None:
         lines += [f"## {model}", ""]
         keys = sorted({setting(r) for r in model_runs if r["run"] != "dense"}, key=lambda k: (":" in k, k))
         for key in keys:
-            rows = [r for r in model_runs if setting(r) == key and r["run"] != "dense"]
-            count = min(w for w in (_windows(r, "wikitext2") for r in rows) if w is not None)
-            # the dense reference on the same windows as the pruned rows (a prefix of a longer run)
-            dense = _dense_on(model_runs, count, code_state(rows[0]))
-            rows = rows + ([dense] if dense else [])
-            check_one_state(rows, f"{model} {key}")
-            shown += rows
-            by_run = defaultdict(list)  # one row per run name: its calibration seeds together
-            for run in rows:
-                by_run[run["run"]].append(run)
-            names = sorted(by_run, key=ORDER.index)
-            reference = next((n for n in names if n.split("-")[0] == "sparsegpt" and "obs" not in n), None)
-            d = _ppl(dense, "wikitext2", count) if dense else None
-            kind = f"{key} structure" if ":" in key else f"sparsity {key}"
-            lines += [
-                f"### {kind}: WikiText2 perplexity at 2048 over the first {count} windows",
-                "",
-                "| method | seeds | realised sparsity | WikiText2 | distance to dense / SparseGPT's | first 40 windows | "
-                + " | ".join(TASKS)
-                + " | mean acc | mean acc_norm | commit |",
-                "|---" * (9 + len(TASKS)) + "|",
-            ]
-            for name in names:
-                group = by_run[name]
-                ppls = [_ppl(r, "wikitext2", count) for r in group]
-                ratios = []
-                if d is not None and reference and name != "dense":
-                    seeds = {r["calibration"]: _ppl(r, "wikitext2", count) for r in by_run[reference]}
-                    # each seed against SparseGPT on the same calibration draw
-                    ratios = [
-                        (p - d) / (seeds[r["calibration"]] - d)
-                        for r, p in zip(group, ppls)
-                        if r["calibration"] in seeds
-                    ]
-                run = group[0]
-                zero = run.get("zero_shot", {}) if run.get("zero_shot", {}).get("limit") is None else {}
-                accs = [f"{100 * zero['tasks'][t]['acc']:.2f}" if t in zero.get("tasks", {}) else "-" for t in TASKS]
-                # runs stored before mean_acc_norm existed: recomputed from their per-task scores
-                means = task_means(zero.get("tasks", {})) if zero else {}
-                mean = " | ".join(
-                    f"{100 * means[m]:.2f}" if means.get(m) is not None else "-" for m in ("mean_acc", "mean_acc_norm")
-                )
-                lines.append(
-                    f"| {name} | {len(group)} | {run['realised_sparsity']:.4f} | {_spread(ppls, 2)} | "
-                    f"{_spread(ratios, 3)} | {_spread([_ppl(r, 'wikitext2', 40) for r in group], 2)} | "
-                    + " | ".join(accs)
-                    + f" | {mean} | {', '.join(sorted({r.get('commit', '?') for r in group}))} |"
-                )
-            # several seeds: each draw's figure, so that paired differences can be read off
-            several = [name for name in names if len(by_run[name]) > 1]
-            lines += [""] if several else []
-            for name in several:
-                each = sorted((_seed(r), _ppl(r, "wikitext2", count)) for r in by_run[name])
-                lines.append(f"- {name} per seed: " + ", ".join(f"seed {k} {_fmt(v)}" for k, v in each))
-            lines.append("")
+            for state in states:
+                rows = [r for r in model_runs if setting(r) == key and r["run"] != "dense" and code_state(r) == state]
+                if rows:
+                    title = "" if state == primary else f" ({_environment(state, unlike=primary)})"
+                    shown += _section(lines, key, rows, model_runs, title)
     # the data folder is the user's own path: shown as DATA
     commands = sorted({re.sub(r"--data-dir \S+", "--data-dir DATA", r["command"]) for r in shown if r.get("command")})
     samples, tokens = calibration.split("x")
     lines += (
         [
             f"Calibration: {samples} x {tokens} tokens of the local C4 train excerpt (`c4/c4_sample.jsonl`, the first 1000",
-            "documents of shard 00000), the SparseGPT/Wanda recipe; seed 0, and seeds 0, 1, 2 where a row says 3",
-            "(mean +/- standard deviation; each seed's distance is taken against SparseGPT's on the same draw).",
+            "documents of shard 00000), the SparseGPT/Wanda recipe; calibration seed 0 unless a table lists each",
+            "seed under it (a row of several seeds: mean +/- standard deviation; each seed's distance is taken",
+            "against SparseGPT's on the same draw).",
             "Zero-shot: full local task files",
             "(hellaswag has none), acc; mean acc_norm averages acc_norm where a task has it (piqa, arc), acc",
             "elsewhere. Commands:",
@@ -255,7 +217,68 @@ def write_table(results: Path, calibration: str, code_commit: str) -> None:
     # 128 x 512 is the reporting calibration (the paper's): its table is quality.md, smaller screens get a suffix
     stem = "quality" if calibration == "128x512" else f"quality-{calibration}"
     (results / f"{stem}.md").write_text("\n".join(lines))
-    plot(runs, results / f"{stem}.png")
+    plot([r for r in runs if code_state(r) == primary], results / f"{stem}.png")  # the first environment's
+
+
+def _environment(state: tuple, unlike: tuple | None = None) -> str:
+    """A code state's environment in words; with `unlike`, only where the two differ."""
+    pairs = zip(ENVIRONMENT_KEYS, state[1:], (unlike or (None,) * len(state))[1:])
+    return ", ".join(f"{key} {value}" for key, value, other in pairs if unlike is None or value != other)
+
+
+def _section(lines: list[str], key: str, rows: list[dict], model_runs: list[dict], title: str) -> list[dict]:
+    """One table: the pruned `rows` of one setting and code state, with the dense reference on the same
+    windows; appends its lines and returns the runs it shows."""
+    count = min(w for w in (_windows(r, "wikitext2") for r in rows) if w is not None)
+    # the dense reference on the same windows as the pruned rows (a prefix of a longer run)
+    dense = _dense_on(model_runs, count, code_state(rows[0]))
+    rows = rows + ([dense] if dense else [])
+    check_one_state(rows, f"{rows[0]['model']} {key}{title}")
+    by_run = defaultdict(list)  # one row per run name: its calibration seeds together
+    for run in rows:
+        by_run[run["run"]].append(run)
+    names = sorted(by_run, key=ORDER.index)
+    reference = next((n for n in names if n.split("-")[0] == "sparsegpt" and "obs" not in n), None)
+    d = _ppl(dense, "wikitext2", count) if dense else None
+    kind = f"{key} structure" if ":" in key else f"sparsity {key}"
+    lines += [
+        f"### {kind}{title}: WikiText2 perplexity at 2048 over the first {count} windows",
+        "",
+        "| method | seeds | realised sparsity | WikiText2 | distance to dense / SparseGPT's | first 40 windows | "
+        + " | ".join(TASKS)
+        + " | mean acc | mean acc_norm | commit |",
+        "|---" * (9 + len(TASKS)) + "|",
+    ]
+    for name in names:
+        group = by_run[name]
+        ppls = [_ppl(r, "wikitext2", count) for r in group]
+        ratios = []
+        if d is not None and reference and name != "dense":
+            seeds = {r["calibration"]: _ppl(r, "wikitext2", count) for r in by_run[reference]}
+            # each seed against SparseGPT on the same calibration draw
+            ratios = [(p - d) / (seeds[r["calibration"]] - d) for r, p in zip(group, ppls) if r["calibration"] in seeds]
+        run = group[0]
+        zero = run.get("zero_shot", {}) if run.get("zero_shot", {}).get("limit") is None else {}
+        accs = [f"{100 * zero['tasks'][t]['acc']:.2f}" if t in zero.get("tasks", {}) else "-" for t in TASKS]
+        # runs stored before mean_acc_norm existed: recomputed from their per-task scores
+        means = task_means(zero.get("tasks", {})) if zero else {}
+        mean = " | ".join(
+            f"{100 * means[m]:.2f}" if means.get(m) is not None else "-" for m in ("mean_acc", "mean_acc_norm")
+        )
+        lines.append(
+            f"| {name} | {len(group)} | {run['realised_sparsity']:.4f} | {_spread(ppls, 2)} | "
+            f"{_spread(ratios, 3)} | {_spread([_ppl(r, 'wikitext2', 40) for r in group], 2)} | "
+            + " | ".join(accs)
+            + f" | {mean} | {', '.join(sorted({r.get('commit', '?') for r in group}))} |"
+        )
+    # several seeds, or another seed than 0: each draw's figure, so that paired differences can be read off
+    listed = [name for name in names if name != "dense" and (len(by_run[name]) > 1 or _seed(by_run[name][0]) != 0)]
+    lines += [""] if listed else []
+    for name in listed:
+        each = sorted((_seed(r), _ppl(r, "wikitext2", count)) for r in by_run[name])
+        lines.append(f"- {name} per seed: " + ", ".join(f"seed {k} {_fmt(v)}" for k, v in each))
+    lines.append("")
+    return rows
 
 
 def plot(runs: list[dict], path: Path) -> None:
