@@ -49,16 +49,22 @@ def _stored_run(folder, name, seed, cpu, ppl, code="abc1234"):
     (folder / f"{name}-s{sparsity}-64x256{suffix}-w40.json").write_text(json.dumps(run))
 
 
+def _seed0_on_intel(results):
+    """A results folder holding dense, SparseGPT (44) and the default (35) at seed 0 from one machine."""
+    folder = results / "runs" / "demo"
+    folder.mkdir(parents=True)
+    for name, ppl in [("dense", 20.0), ("sparsegpt", 44.0), ("besa", 35.0)]:
+        _stored_run(folder, name, 0, "Intel", ppl)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def quality_table():
     return load_file(REPO / "bench" / "quality_table.py")
 
 
 def test_runs_of_another_machine_get_a_table_of_their_own_with_their_own_references(quality_table, tmp_path):
-    folder = tmp_path / "runs" / "demo"
-    folder.mkdir(parents=True)
-    for name, ppl in [("dense", 20.0), ("sparsegpt", 44.0), ("besa", 35.0)]:
-        _stored_run(folder, name, 0, "Intel", ppl)
+    folder = _seed0_on_intel(tmp_path)
     _stored_run(folder, "dense", 1, "AMD", 21.0)
     for seed, sparsegpt, besa in [(1, 43.0, 34.0), (2, 45.0, 31.0)]:
         _stored_run(folder, "sparsegpt", seed, "AMD", sparsegpt)
@@ -80,10 +86,7 @@ def test_runs_of_another_machine_get_a_table_of_their_own_with_their_own_referen
 
 
 def test_a_table_without_a_dense_run_of_its_own_machine_is_refused(quality_table, tmp_path):
-    folder = tmp_path / "runs" / "demo"
-    folder.mkdir(parents=True)
-    for name, ppl in [("dense", 20.0), ("sparsegpt", 44.0), ("besa", 35.0)]:
-        _stored_run(folder, name, 0, "Intel", ppl)
+    folder = _seed0_on_intel(tmp_path)
     _stored_run(folder, "besa", 1, "AMD", 34.0)
     with pytest.raises(SystemExit, match=r"demo 0\.5 \(cpu AMD\): rows from 2 code commits / environments"):
         quality_table.write_table(tmp_path, "64x256", "abc1234")
