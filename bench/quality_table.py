@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from besa_pl.eval.zero_shot import task_means
@@ -158,10 +158,7 @@ def write_table(results: Path, calibration: str, code_commit: str) -> None:
         raise SystemExit(f"no stored run of code commit {code_commit} with {calibration} calibration; run them first")
     # one table per code state: a calibration run again on another machine gets tables of its own,
     # each with its own dense and SparseGPT references, never rows mixed across machines
-    count_of = defaultdict(int)
-    for run in runs:
-        count_of[code_state(run)] += 1
-    states = sorted(count_of, key=lambda state: -count_of[state])
+    states = [state for state, _ in Counter(code_state(run) for run in runs).most_common()]
     primary = states[0]
     lines = [
         "# Quality benchmark",
@@ -222,7 +219,7 @@ def write_table(results: Path, calibration: str, code_commit: str) -> None:
 
 def _environment(state: tuple, unlike: tuple | None = None) -> str:
     """A code state's environment in words; with `unlike`, only where the two differ."""
-    pairs = zip(ENVIRONMENT_KEYS, state[1:], (unlike or (None,) * len(state))[1:])
+    pairs = zip(ENVIRONMENT_KEYS, state[1:], (unlike or state)[1:])
     return ", ".join(f"{key} {value}" for key, value, other in pairs if unlike is None or value != other)
 
 
