@@ -330,7 +330,8 @@ def _bars(axis, model: str, rows: list[dict], runs: list[dict]) -> None:
     keys = sorted(groups, key=lambda k: (k[0], ORDER.index(k[1])))
     values = [sum(groups[k]) / len(groups[k]) for k in keys]
     axis.bar(range(len(keys)), values, color=[COLOURS[k[1]] for k in keys])
-    axis.set_xticks(range(len(keys)), [f"{k[1]}\n{k[0]}" for k in keys], fontsize=7)
+    # Run names are long ("sparsegpt-obs-48"): slanted labels keep neighbours from overlapping.
+    axis.set_xticks(range(len(keys)), [f"{k[1]} ({k[0]})" for k in keys], fontsize=7, rotation=30, ha="right")
     dense = _dense_on([r for r in runs if r["model"] == model], count)
     if dense:
         axis.axhline(_ppl(dense, "wikitext2", count), color="gray", linestyle="--", label="dense")
